@@ -1,0 +1,92 @@
+"""The only place that touches vLLM internals: one module per patch point.
+
+Each patch is a small class bound to one vLLM attribute. ``apply_all()`` applies every patch once
+per process (vLLM loads plugins in many processes, sometimes twice in one); the registry refuses a
+second, different patch of the same attribute, so two patches can never silently stack.
+
+    engine_args   EngineArgs.create_speculative_config: "lvspec" -> draft_model + additional_config
+    model_runner  GPUModelRunner.__init__: install the LVSpec drafter and rejection sampler
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+from typing import Any, Callable, ClassVar
+
+_lock = threading.Lock()
+# (module, qualname of owner, attribute) -> the Patch class that owns it
+_applied: dict[tuple[str, str, str], type["Patch"]] = {}
+
+
+class Patch:
+    """Wrap ``target_module.target_owner.target_attr`` with ``wrapper(original, *args, **kw)``.
+
+    Subclasses set the three target names and define ``wrapper`` as a staticmethod. The
+    original is kept in ``original`` so tests and ``unapply`` can reach it.
+    """
+
+    target_module: ClassVar[str]
+    target_owner: ClassVar[str]
+    target_attr: ClassVar[str]
+    original: ClassVar[Callable[..., Any] | None] = None
+
+    @staticmethod
+    def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def key(cls) -> tuple[str, str, str]:
+        return (cls.target_module, cls.target_owner, cls.target_attr)
+
+    @classmethod
+    def _owner(cls) -> Any:
+        owner = importlib.import_module(cls.target_module)
+        for part in cls.target_owner.split("."):
+            owner = getattr(owner, part)
+        return owner
+
+    @classmethod
+    def apply(cls) -> None:
+        with _lock:
+            holder = _applied.get(cls.key())
+            if holder is cls:
+                return  # idempotent: vLLM may load the plugin twice in one process
+            if holder is not None:
+                raise RuntimeError(f"{'.'.join(cls.key())} is already patched by "
+                                   f"{holder.__qualname__}; refusing {cls.__qualname__}")
+            owner = cls._owner()
+            original = getattr(owner, cls.target_attr)
+
+            @functools.wraps(original)
+            def patched(*args: Any, **kwargs: Any) -> Any:
+                return cls.wrapper(original, *args, **kwargs)
+
+            patched.__lvspec_patch__ = cls  # type: ignore[attr-defined]
+            cls.original = original
+            setattr(owner, cls.target_attr, patched)
+            _applied[cls.key()] = cls
+
+    @classmethod
+    def unapply(cls) -> None:
+        with _lock:
+            if _applied.get(cls.key()) is cls:
+                setattr(cls._owner(), cls.target_attr, cls.original)
+                del _applied[cls.key()]
+
+
+def all_patches() -> list[type[Patch]]:
+    from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
+    from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
+
+    return [CreateSpeculativeConfigPatch, ModelRunnerInitPatch]
+
+
+def apply_all() -> None:
+    for patch in all_patches():
+        patch.apply()
+
+
+def applied() -> dict[tuple[str, str, str], type[Patch]]:
+    return dict(_applied)

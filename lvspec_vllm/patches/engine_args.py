@@ -1,0 +1,102 @@
+"""Patch: ``vllm.engine.arg_utils.EngineArgs.create_speculative_config`` (vLLM 0.32, 0.33).
+
+Why: vLLM's SpeculativeConfig is a pydantic dataclass with a Literal ``method`` and
+``extra="forbid"``, so ``{"method": "lvspec", ...}`` is refused before any plugin code runs inside
+it. ``vllm serve``, ``vllm.LLM`` and ``vllm bench`` all build it through this one method, in the
+API process, before VllmConfig exists. Here the LVSpec keys are split off and validated, the
+method becomes vLLM's own ``draft_model``, and the options travel to every worker in
+``additional_config["lvspec"]`` (part of the config hash, pickled to each rank).
+
+``--spec-method/--spec-model/--spec-tokens`` are merged into the dict inside the original method;
+the wrapper reads them too, so ``--spec-method lvspec`` works the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from lvspec_vllm.config import MAX_SPECULATIVE_TOKENS, LVSpecConfig, LVSpecConfigError
+from lvspec_vllm.patches import Patch
+
+METHOD = "lvspec"
+
+
+def _vllm_spec_keys() -> set[str]:
+    from vllm.config import SpeculativeConfig
+
+    return {f.name for f in dataclasses.fields(SpeculativeConfig)}
+
+
+def translate(spec: dict[str, Any], spec_method: str | None = None,
+              spec_model: str | None = None, spec_tokens: int | None = None,
+              ) -> tuple[dict[str, Any], LVSpecConfig] | None:
+    """Split an ``"lvspec"`` speculative config into vLLM's part and a validated LVSpecConfig.
+
+    Returns None when the config is not for LVSpec. The ``spec_*`` arguments are the CLI
+    shorthands, which vLLM merges into the dict later.
+    """
+    spec = {k.replace("-", "_"): v for k, v in (spec or {}).items()}
+    if spec.get("method", spec_method) != METHOD:
+        return None
+    vllm_keys = _vllm_spec_keys()
+    lv_keys = set(LVSpecConfig.keys())
+    lv_options = {k: spec.pop(k) for k in list(spec) if k in lv_keys}
+    unknown = sorted(k for k in spec if k not in vllm_keys)
+    if unknown:
+        raise LVSpecConfigError(
+            f"unknown speculative_config key {unknown[0]!r} for method 'lvspec'. Allowed LVSpec "
+            f"keys: {', '.join(sorted(lv_keys))}; vLLM's keys: {', '.join(sorted(vllm_keys))}.")
+    if spec.get("model", spec_model) is None:
+        raise LVSpecConfigError(
+            "method 'lvspec' needs a draft model: set \"model\" in --speculative-config (or "
+            "--spec-model) to a small checkpoint of the target's family, e.g. "
+            "Qwen/Qwen2.5-7B-Instruct for Qwen/Qwen2.5-VL-32B-Instruct.")
+    k = spec.get("num_speculative_tokens", spec_tokens)
+    if k is None or isinstance(k, bool) or not isinstance(k, int) or \
+            not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise LVSpecConfigError(
+            f"method 'lvspec' needs \"num_speculative_tokens\" as an integer in "
+            f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}.")
+    if "method" in spec:
+        spec["method"] = "draft_model"
+    return spec, LVSpecConfig.from_dict(lv_options)
+
+
+def _check_draft(spec_config: Any) -> None:
+    """Refuse drafts this release cannot run, in the API process, with the fix in the message."""
+    draft = spec_config.draft_model_config
+    if draft is not None and draft.is_multimodal_model:
+        arch = (draft.hf_config.architectures or ["?"])[0]
+        raise LVSpecConfigError(
+            f"LVSpec draft {draft.model!r} is a vision-language model ({arch}); this release "
+            f"drafts with a text-only model. Use a text-only draft of the target's family with "
+            f"the same vocabulary (its language model, e.g. a Qwen2ForCausalLM checkpoint).")
+
+
+class CreateSpeculativeConfigPatch(Patch):
+    target_module = "vllm.engine.arg_utils"
+    target_owner = "EngineArgs"
+    target_attr = "create_speculative_config"
+
+    @staticmethod
+    def wrapper(original, self, *args, **kwargs):
+        result = translate(self.speculative_config or {}, self.spec_method, self.spec_model,
+                           self.spec_tokens)
+        if result is None:
+            return original(self, *args, **kwargs)
+        vllm_spec, lv_config = result
+        if self.spec_method == METHOD:
+            self.spec_method = "draft_model"
+        self.speculative_config = vllm_spec
+        # LVSpec hooks the V1 model runner, the one runner CUDA and CPU share; vLLM's worker
+        # processes inherit this environment.
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+            raise LVSpecConfigError("method 'lvspec' runs on vLLM's V1 model runner; unset "
+                                    "VLLM_USE_V2_MODEL_RUNNER or set it to 0.")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        self.additional_config = {**(self.additional_config or {}), "lvspec": lv_config.to_dict()}
+        spec_config = original(self, *args, **kwargs)
+        _check_draft(spec_config)
+        return spec_config

@@ -1,0 +1,103 @@
+"""Greedy generation over a fixed mixed batch (text, image and video prompts) with ``vllm.LLM``.
+
+The engine tests run this as a subprocess, once per engine: a vLLM engine per process keeps
+memory bounded and leaves nothing behind between runs. It writes one JSON document::
+
+    {"outputs": [[token ids], ...], "prompts": [...], "workers": [worker_report, ...],
+     "metrics": {"vllm:spec_decode_num_drafts": n, ...}}
+
+    python -m lvspec_vllm.testing.generate --family qwen25vl --out result.json \
+        [--draft DIR --k 4 --lvspec-options '{}'] [--tp 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+FAMILIES = {
+    # family: (target dir, aligned draft dir, video prompt, image prompt)
+    "qwen25vl": ("qwen25vl", "qwen25vl_aligned"),
+    "llava_ov": ("llava_ov", "llava_ov_aligned"),
+}
+
+
+def mixed_requests(family: str) -> list[dict]:
+    from lvspec_vllm.testing import tiny_models as tm
+    from lvspec_vllm.testing.media import synthetic_image, synthetic_video
+
+    video_prompt = tm.QWEN_VIDEO_PROMPT if family == "qwen25vl" else tm.LLAVA_VIDEO_PROMPT
+    image_prompt = tm.QWEN_IMAGE_PROMPT if family == "qwen25vl" else tm.LLAVA_IMAGE_PROMPT
+    text = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    return [
+        {"prompt": text.format("Describe a red car moving left.")},
+        {"prompt": video_prompt, "multi_modal_data": {"video": synthetic_video(1)}},
+        {"prompt": image_prompt, "multi_modal_data": {"image": synthetic_image(2)}},
+        # vLLM 0.32's LLaVA-OneVision returns 3-D embeddings when one batch holds videos of
+        # different lengths (its list path keeps a batch dim), so only Qwen gets a short video.
+        {"prompt": video_prompt,
+         "multi_modal_data": {"video": synthetic_video(3, frames=4 if family == "qwen25vl" else 8)}},
+        {"prompt": text.format("hello, what is the sky?")},
+        {"prompt": video_prompt, "multi_modal_data": {"video": synthetic_video(5)}},
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    ap.add_argument("--models", default=None, help="tiny models directory (built if missing)")
+    ap.add_argument("--draft", default=None, help="draft dir name or path; omit for no speculation")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--lvspec-options", default="{}", help="extra LVSpec keys as JSON")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # worker_report travels to the workers by value through collective_rpc.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    if args.tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(args.tp)))
+
+    from lvspec_vllm.testing.tiny_models import ensure_tiny_models
+
+    models = ensure_tiny_models(args.models)
+    target = models / FAMILIES[args.family][0]
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=str(target), dtype=args.dtype, max_model_len=2048, max_num_seqs=8,
+                  limit_mm_per_prompt={"video": 1, "image": 1}, seed=0, enforce_eager=True,
+                  tensor_parallel_size=args.tp, disable_log_stats=False)
+    if args.draft:
+        draft = args.draft if os.path.isabs(args.draft) else str(models / args.draft)
+        kwargs["speculative_config"] = {"method": "lvspec", "model": draft,
+                                        "num_speculative_tokens": args.k,
+                                        **json.loads(args.lvspec_options)}
+    llm = LLM(**kwargs)
+    requests = mixed_requests(args.family)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    outs = llm.generate(requests, params, use_tqdm=False)
+    result = {"outputs": [list(o.outputs[0].token_ids) for o in outs],
+              "texts": [o.outputs[0].text for o in outs],
+              "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+              "workers": [], "metrics": {}}
+    if args.draft:
+        from lvspec_vllm.sampler import worker_report
+
+        result["workers"] = llm.collective_rpc(worker_report)
+        for m in llm.get_metrics():
+            if m.name.startswith("vllm:spec_decode") and hasattr(m, "value"):
+                result["metrics"][m.name] = m.value
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    print(json.dumps({k: result[k] for k in ("workers", "metrics")}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""lvspec-vllm: LVSpec loosely speculative decoding for video LLMs, as a vLLM plugin."""
+
+from setuptools import setup
+
+# The vLLM releases whose internals the patches in lvspec_vllm/patches/ were checked against.
+# lvspec_vllm.register() refuses any other version at startup; keep the two in step.
+SUPPORTED_VLLM = ">=0.32,<0.34"
+
+setup(
+    name="lvspec-vllm",
+    version="0.1.0",
+    description="LVSpec: training-free loosely speculative decoding for video LLMs, as a vLLM plugin",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ sits at the top of the repository but imports as lvspec_vllm.kernels, so it never
+    # clashes with another distribution's top-level `kernels` package.
+    packages=["lvspec_vllm", "lvspec_vllm.kernels", "lvspec_vllm.patches", "lvspec_vllm.verify",
+              "lvspec_vllm.testing"],
+    package_dir={"lvspec_vllm.kernels": "kernels"},
+    install_requires=[f"vllm{SUPPORTED_VLLM}"],
+    extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"]},
+    entry_points={
+        "vllm.general_plugins": ["lvspec = lvspec_vllm:register"],
+        "console_scripts": [
+            "lvspec-tiny-models = lvspec_vllm.testing.tiny_models:main",
+            "lvspec-preset = lvspec_vllm.config:preset_main",
+            "lvspec-demo = lvspec_vllm.demo:main",
+        ],
+    },
+)

@@ -1,0 +1,70 @@
+"""Plugin registration: entry point, idempotence, version gate, patch registry."""
+
+from importlib.metadata import entry_points
+
+import pytest
+
+import lvspec_vllm
+from lvspec_vllm import patches
+
+
+def test_entry_point_is_found_and_loads_register():
+    eps = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert "lvspec" in eps
+    assert eps["lvspec"].load() is lvspec_vllm.register
+
+
+def test_vllm_loads_the_plugin_through_its_own_loader():
+    from vllm.plugins import load_plugins_by_group
+
+    assert load_plugins_by_group("vllm.general_plugins")["lvspec"] is lvspec_vllm.register
+
+
+def test_register_twice_changes_nothing():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    lvspec_vllm.register()
+    first = (EngineArgs.create_speculative_config, GPUModelRunner.__init__, patches.applied())
+    lvspec_vllm.register()
+    second = (EngineArgs.create_speculative_config, GPUModelRunner.__init__, patches.applied())
+    assert first == second
+    assert set(first[2]) == {p.key() for p in patches.all_patches()}
+    # the wrapper wraps vLLM's function, not an earlier wrapper
+    for patch in patches.all_patches():
+        assert not hasattr(patch.original, "__lvspec_patch__")
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "0.3.2", "garbage", "0.320.0"])
+def test_unsupported_vllm_version_is_refused(version):
+    with pytest.raises(lvspec_vllm.UnsupportedVLLMVersion) as err:
+        lvspec_vllm.check_vllm_version(version)
+    msg = str(err.value)
+    assert version in msg and "0.32.x" in msg and "0.33.x" in msg
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.0", "0.33.2rc1"])
+def test_supported_vllm_versions_pass(version):
+    lvspec_vllm.check_vllm_version(version)
+
+
+def test_register_refuses_a_simulated_unsupported_vllm(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.34.1")
+    with pytest.raises(lvspec_vllm.UnsupportedVLLMVersion, match="0.34.1"):
+        lvspec_vllm.register()
+
+
+def test_registry_refuses_a_second_patch_of_the_same_attribute():
+    from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
+
+    lvspec_vllm.register()
+
+    class Intruder(patches.Patch):
+        target_module = CreateSpeculativeConfigPatch.target_module
+        target_owner = CreateSpeculativeConfigPatch.target_owner
+        target_attr = CreateSpeculativeConfigPatch.target_attr
+
+    with pytest.raises(RuntimeError, match="already patched by CreateSpeculativeConfigPatch"):
+        Intruder.apply()
