@@ -8,9 +8,9 @@ Users pass the options flat inside vLLM's ``--speculative-config`` next to vLLM'
 ships the result to every worker inside ``VllmConfig.additional_config["lvspec"]``. Nothing else in
 the plugin reads options from anywhere else.
 
-Verification is strict (lossless) in this release: ``loose`` must stay false. The remaining
-options describe the loose rules of LVSPEC.md (docs/configuration.md); they are validated now so
-that a preset written today keeps its meaning when the loose verifier lands.
+Strict verification (``loose`` false, the default) is lossless. Loose verification needs
+``anchor_identification`` false in this release: the visual relevance that tells anchors from
+fillers is not captured yet, and without it requests are never silently loose.
 """
 
 from __future__ import annotations
@@ -99,17 +99,22 @@ class LVSpecConfig:
                     f"(plus vLLM's own speculative_config keys).")
             values[key] = _check(known[key], value)
         cfg = cls(**values)
-        if cfg.loose:
+        if cfg.loose and cfg.anchor_identification:
             raise LVSpecConfigError(
-                "'loose': true is not available in this release of lvspec-vllm: verification is "
-                "strict (lossless) only. Remove 'loose' or set it to false.")
+                "'loose': true with 'anchor_identification': true needs the target's visual "
+                "relevance, which this release does not capture yet. Set "
+                "'anchor_identification': false (every non-guarded position may be loose), or "
+                "leave 'loose' false (strict, lossless).")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def describe(self) -> str:
-        return "strict (lossless)" if not self.loose else "loose"
+        if not self.loose:
+            return "strict (lossless)"
+        rules = [name for name in ("plausibility", "semantic", "shift") if getattr(self, name)]
+        return f"loose ({', '.join(rules) or 'no rule enabled'})"
 
 
 def _type_name(f: dataclasses.Field) -> str:

@@ -1,46 +1,207 @@
 """LVSpecRejectionSampler: vLLM's rejection sampler with LVSpec's verification in front of it.
 
-vLLM's ``RejectionSampler.forward`` changes every release, so it is never copied: LVSpec decides
-which draft positions to accept, encodes the decisions into vLLM's own inputs (the way vLLM 0.33's
-FLy verifier does: greedy rows see the accepted draft as the target's argmax, random rows get a
-zero uniform draw) and lets ``super().forward`` produce the tokens. That keeps the scheduler's
-invariant by construction: emitted tokens are a prefix of the draft plus one target token.
+vLLM's ``RejectionSampler.forward`` changes every release, so it is never copied. LVSpec hooks
+``apply_logits_processors`` (which ``forward`` calls on the draft rows' logits, after
+penalties and bad-words masks and before temperature, top-k/top-p and the accept kernels):
 
-Verification is strict in this release (``loose`` is refused at startup), so there is nothing to
-encode and the output is exactly vLLM's: greedy decoding stays token-for-token the target's.
+1. ``lvspec_vllm.verify.rules`` decides, per request, the accepted draft prefix from those
+   processed logits (a draft the target cannot emit is never loosely accepted);
+2. each loosely accepted position gets its draft token's logit raised far above the row, the way
+   vLLM 0.33's FLy verifier encodes lossy accepts: for greedy rows the draft becomes the argmax,
+   for sampled rows its probability becomes 1, so the standard p/q test accepts it;
+3. ``super().forward`` emits the tokens with vLLM's own kernels.
+
+Emitted tokens are therefore always a prefix of the draft plus one target token (the scheduler
+relies on it). Logprobs returned to users come from ``raw_target_logits``, which vLLM copies
+before ``apply_logits_processors``, so they are the target's real distribution; the processed
+logprobs modes, which would see the raised logits, are refused at startup with loose
+verification. In strict mode nothing is raised and the output is exactly vLLM's.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
-from lvspec_vllm._logging import get_logger
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 
+from lvspec_vllm._logging import get_logger
 from lvspec_vllm.config import LVSpecConfig
+from lvspec_vllm.verify import rules
+from lvspec_vllm.verify.state import RequestStates
 
 logger = get_logger(__name__)
 
+# Counter slots, on the device so the verify path never waits for the host.
+COUNTERS = ("verify_steps", "draft_tokens", "accepted_tokens", "exact", "plausible", "semantic",
+            "shifted", "rejected_anchor", "rejected_guard", "rejected_no_rule", "rejected_budget",
+            "rejected_entropy", "rejected_strict", "rejected_standard")
+_C = {name: i for i, name in enumerate(COUNTERS)}
+_LOG_INTERVAL_S = 10.0
+# Far above any real logit, small enough that logit / temperature stays finite in float32.
+_BOOST = 1.0e4
+
+
+def verify_params(config: LVSpecConfig) -> rules.VerifyParams:
+    return rules.VerifyParams(
+        plausibility=config.plausibility, plausibility_ratio=config.plausibility_ratio,
+        plausibility_top_k=config.plausibility_top_k, semantic=config.semantic,
+        semantic_threshold=config.semantic_threshold, shift=config.shift,
+        shift_window=config.shift_window, entropy_gate=config.entropy_gate,
+        max_loose_per_step=config.max_loose_per_step)
+
 
 class LVSpecRejectionSampler(RejectionSampler):
-    def __init__(self, sampler, spec_config, device, lvspec_config: LVSpecConfig):
+    def __init__(self, sampler, spec_config, device, lvspec_config: LVSpecConfig, runner=None):
         super().__init__(sampler, spec_config, device)
         self.lvspec_config = lvspec_config
-        # [verify steps, draft tokens, accepted draft tokens], kept on the device: no host sync
-        # on the verify path.
-        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
+        self.params = verify_params(lvspec_config)
+        self.runner = runner
+        self.states = RequestStates()
+        self.counts = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+        self._guard_mask: torch.Tensor | None = None
+        self._embeddings: torch.Tensor | None = None
+        self._decision: tuple | None = None
+        self._last_log = time.monotonic()
         logger.info("LVSpec rejection sampler installed (verification: %s)",
                     lvspec_config.describe())
 
+    # -- the hook -------------------------------------------------------------------------------
+    def apply_logits_processors(self, logits, sampling_metadata, metadata):
+        logits = super().apply_logits_processors(logits, sampling_metadata, metadata)
+        if self.lvspec_config.loose and metadata.draft_token_ids.numel():
+            result = self._verify(logits, sampling_metadata, metadata)
+            loose = result.rule >= rules.PLAUSIBLE
+            rows = loose.nonzero()[:, 0]
+            drafts = metadata.draft_token_ids[rows].long()
+            logits[rows, drafts] = logits[rows].max(dim=-1).values + _BOOST
+            self._decision = (result, loose)
+        return logits
+
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        self._decision = None
         output = super().forward(metadata, draft_probs, logits, sampling_metadata)
-        emitted = (output.sampled_token_ids != PLACEHOLDER_TOKEN_ID).sum()
-        num_reqs = output.sampled_token_ids.shape[0]
-        self.counts += torch.stack([
-            torch.ones((), dtype=torch.int64, device=self.counts.device),
-            torch.tensor(metadata.draft_token_ids.numel(), device=self.counts.device),
-            (emitted - num_reqs).to(torch.int64),
-        ])
+        self._count(metadata, output.sampled_token_ids)
+        self._maybe_log()
         return output
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _verify(self, logits, sampling_metadata, metadata) -> rules.VerifyResult:
+        cfg = self.lvspec_config
+        num_reqs = len(metadata.num_draft_tokens)
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        live = self.runner.requests
+        self.states.retain(live)
+        thresholds = []
+        for req_id in req_ids:
+            request = live[req_id]
+            stops = request.sampling_params.all_stop_token_ids if request.sampling_params else ()
+            self.states.get(req_id, initial_codebook=sorted(stops))
+            if not request.mm_features:
+                strict = cfg.text_only_requests == "strict"
+            else:
+                # Visual evidence is needed to tell anchors from fillers; without identification
+                # every non-guarded position may be loose (the ablation).
+                strict = cfg.anchor_identification
+            thresholds.append(-math.inf if strict else math.inf)
+        device = logits.device
+        temperature = sampling_metadata.temperature
+        if temperature is None:  # all greedy: plausibility on the unscaled distribution
+            temperature = torch.ones(num_reqs, device=device)
+        else:
+            temperature = torch.where(temperature[:num_reqs] > 0, temperature[:num_reqs], 1.0)
+        return rules.verify_reference(
+            metadata.draft_token_ids, metadata.cu_num_draft_tokens, logits, temperature, None,
+            torch.tensor(thresholds, device=device), self.states.codebook_tensor(req_ids, device),
+            self._guards(logits.shape[-1], device), self._embedding_rows(), self.params)
+
+    def _guards(self, vocab: int, device) -> torch.Tensor:
+        """[V] bool: EOS, every special token, and the configured guard words."""
+        if self._guard_mask is None or self._guard_mask.numel() != vocab:
+            from vllm.tokenizers.registry import get_tokenizer
+
+            model_config = self.runner.model_config
+            tok = get_tokenizer(model_config.tokenizer,
+                                trust_remote_code=model_config.trust_remote_code)
+            ids = set(tok.all_special_ids)
+            if tok.eos_token_id is not None:
+                ids.add(tok.eos_token_id)
+            for word in self.lvspec_config.guard_words:
+                for variant in (word, " " + word):
+                    pieces = tok.encode(variant, add_special_tokens=False)
+                    if pieces:
+                        ids.add(pieces[0])
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[[i for i in ids if 0 <= i < vocab]] = True
+            self._guard_mask = mask.to(device)
+        return self._guard_mask
+
+    def _embedding_rows(self) -> torch.Tensor | None:
+        """The target's input embedding matrix, for the semantic rule (None if unused)."""
+        if not self.params.semantic:
+            return None
+        if self._embeddings is None:
+            from vllm.model_executor.layers.vocab_parallel_embedding import (
+                ParallelLMHead, VocabParallelEmbedding)
+
+            self._embeddings = next(
+                m.weight for m in self.runner.model.modules()
+                if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead))
+        return self._embeddings
+
+    # -- what was decided -----------------------------------------------------------------------
+    def _count(self, metadata, sampled_token_ids: torch.Tensor) -> None:
+        device = self.counts.device
+        num_drafts = torch.tensor(metadata.num_draft_tokens, device=device)
+        emitted = (sampled_token_ids != PLACEHOLDER_TOKEN_ID).sum(dim=1)
+        accepted = (emitted - 1).clamp_min(0)
+        delta = torch.zeros_like(self.counts)
+        delta[_C["verify_steps"]] = 1
+        delta[_C["draft_tokens"]] = num_drafts.sum()
+        delta[_C["accepted_tokens"]] = accepted.sum()
+        rejected = accepted < num_drafts
+        if self._decision is None:  # strict: every accepted token is an exact match
+            delta[_C["exact"]] = accepted.sum()
+            delta[_C["rejected_strict"]] = rejected.sum()
+        else:
+            result, loose = self._decision
+            req = rules.request_index(metadata.cu_num_draft_tokens)
+            start = metadata.cu_num_draft_tokens - num_drafts
+            pos = torch.arange(req.numel(), device=device) - start[req]
+            kept = pos < accepted[req]  # positions vLLM actually accepted
+            by_rule = torch.bincount(result.rule.long()[kept], minlength=5)
+            delta[_C["exact"]] = accepted.sum() - by_rule[rules.PLAUSIBLE:].sum()
+            delta[_C["plausible"]] = by_rule[rules.PLAUSIBLE]
+            delta[_C["semantic"]] = by_rule[rules.SEMANTIC]
+            delta[_C["shifted"]] = by_rule[rules.SHIFTED]
+            # A request stopped where LVSpec stopped it, or earlier by vLLM's p/q test.
+            ours = rejected & (accepted == result.num_accepted.to(device))
+            by_stop = torch.bincount(result.stop.long()[ours], minlength=6)
+            for code, name in ((rules.STOP_ANCHOR, "anchor"), (rules.STOP_GUARD, "guard"),
+                               (rules.STOP_NO_RULE, "no_rule"), (rules.STOP_BUDGET, "budget"),
+                               (rules.STOP_ENTROPY, "entropy")):
+                delta[_C[f"rejected_{name}"]] = by_stop[code]
+            delta[_C["rejected_standard"]] = (rejected & ~ours).sum()
+        self.counts += delta
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, self.counts.tolist()))
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < _LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        c = self.snapshot()
+        logger.info(
+            "LVSpec verify: accepted %d of %d draft tokens (exact %d, plausible %d, semantic %d, "
+            "shifted %d); rejections: anchor %d, guard %d, no rule %d, budget %d, entropy %d, "
+            "strict %d, p/q %d; live request states %d",
+            c["accepted_tokens"], c["draft_tokens"], c["exact"], c["plausible"], c["semantic"],
+            c["shifted"], c["rejected_anchor"], c["rejected_guard"], c["rejected_no_rule"],
+            c["rejected_budget"], c["rejected_entropy"], c["rejected_strict"],
+            c["rejected_standard"], len(self.states))
 
 
 def worker_report(worker) -> dict:
@@ -49,12 +210,9 @@ def worker_report(worker) -> dict:
 
     runner = worker.model_runner
     sampler = getattr(runner, "rejection_sampler", None)
-    counts = sampler.counts.tolist() if isinstance(sampler, LVSpecRejectionSampler) else None
-    return {
-        "tp_rank": get_tensor_model_parallel_rank(),
-        "drafter": type(getattr(runner, "drafter", None)).__name__,
-        "rejection_sampler": type(sampler).__name__,
-        "verify_steps": counts[0] if counts else None,
-        "draft_tokens": counts[1] if counts else None,
-        "accepted_tokens": counts[2] if counts else None,
-    }
+    report = {"tp_rank": get_tensor_model_parallel_rank(),
+              "drafter": type(getattr(runner, "drafter", None)).__name__,
+              "rejection_sampler": type(sampler).__name__}
+    if isinstance(sampler, LVSpecRejectionSampler):
+        report.update(sampler.snapshot(), live_request_states=len(sampler.states))
+    return report

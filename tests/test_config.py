@@ -54,9 +54,11 @@ def test_unknown_key_is_named_and_allowed_keys_listed():
     assert "num_speculative_tokens" in msg  # vLLM's keys are listed too
 
 
-def test_loose_is_refused_in_this_release():
-    with pytest.raises(LVSpecConfigError, match="'loose': true is not available"):
+def test_loose_needs_identification_off_in_this_release():
+    with pytest.raises(LVSpecConfigError, match="needs the target's visual relevance"):
         translate({**BASE, "loose": True})
+    _, cfg = translate({**BASE, "loose": True, "anchor_identification": False})
+    assert cfg.describe() == "loose (plausibility, semantic, shift)"
 
 
 @pytest.mark.parametrize("spec, fragment", [

@@ -4,6 +4,8 @@ Each engine runs in its own process (lvspec_vllm.testing.generate). The batch mi
 and video requests; outputs are compared token for token with the target's own greedy decoding.
 """
 
+import json
+
 import pytest
 
 from conftest import run_generate
@@ -48,7 +50,36 @@ def test_strict_lvspec_equals_target_greedy(runs, family):
     assert worker["accepted_tokens"] == lv["metrics"]["vllm:spec_decode_num_accepted_tokens"]
     # The aligned draft agrees with the target on the text requests: the accept path ran.
     assert worker["accepted_tokens"] > 0
+    # strict: every accepted token is an exact match
+    assert worker["exact"] == worker["accepted_tokens"]
+    assert worker["plausible"] == worker["semantic"] == worker["shifted"] == 0
     print(f"{family}: {worker}")
+
+
+TEXT_REQUESTS = (0, 4)  # indices of the text-only prompts in generate.mixed_requests
+LOOSE = {"loose": True, "anchor_identification": False, "plausibility_ratio": 0.05,
+         "plausibility_top_k": 50}
+
+
+def test_loose_without_identification_accepts_fillers_and_counts_them(runs):
+    base = runs("qwen25vl-base", "--family", "qwen25vl")
+    strict = runs("qwen25vl-lvspec", "--family", "qwen25vl", "--draft", "qwen25vl_aligned",
+                  "--k", "4")
+    loose = runs("qwen25vl-loose", "--family", "qwen25vl", "--draft", "qwen25vl_aligned",
+                 "--k", "4", "--lvspec-options", json.dumps(LOOSE))
+    (w,) = loose["workers"]
+    n_loose = w["plausible"] + w["semantic"] + w["shifted"]
+    print(f"loose: {w}")
+    assert n_loose > 0
+    # the verifier's account agrees with vLLM's accepted count
+    assert w["exact"] + n_loose == w["accepted_tokens"] \
+        == loose["metrics"]["vllm:spec_decode_num_accepted_tokens"]
+    # text-only requests have no visual evidence: verified strictly by default
+    for i in TEXT_REQUESTS:
+        assert loose["outputs"][i] == base["outputs"][i]
+    assert all(len(o) == 40 for o in loose["outputs"])
+    # longer accepted drafts: fewer verify steps for the same tokens
+    assert w["verify_steps"] < strict["workers"][0]["verify_steps"]
 
 
 def test_strict_lvspec_with_an_unrelated_draft_is_still_exact(runs):

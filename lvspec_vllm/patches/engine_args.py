@@ -64,8 +64,17 @@ def translate(spec: dict[str, Any], spec_method: str | None = None,
     return spec, LVSpecConfig.from_dict(lv_options)
 
 
-def _check_draft(spec_config: Any) -> None:
-    """Refuse drafts this release cannot run, in the API process, with the fix in the message."""
+def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConfig) -> None:
+    """Refuse what this release cannot run, in the API process, with the fix in the message."""
+    if lv_config.loose and str(engine_args.logprobs_mode).startswith("processed"):
+        raise LVSpecConfigError(
+            f"--logprobs-mode {engine_args.logprobs_mode} would report logprobs from the logits "
+            f"LVSpec rewrites to encode loose accepts. Use raw_logprobs or raw_logits, or "
+            f"strict verification.")
+    if lv_config.loose and lv_config.semantic and engine_args.tensor_parallel_size > 1:
+        raise LVSpecConfigError(
+            "the semantic rule reads the target's embedding rows, which tensor parallelism "
+            "shards; this release needs 'semantic': false with --tensor-parallel-size > 1.")
     draft = spec_config.draft_model_config
     if draft is not None and draft.is_multimodal_model:
         arch = (draft.hf_config.architectures or ["?"])[0]
@@ -98,5 +107,5 @@ class CreateSpeculativeConfigPatch(Patch):
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.additional_config = {**(self.additional_config or {}), "lvspec": lv_config.to_dict()}
         spec_config = original(self, *args, **kwargs)
-        _check_draft(spec_config)
+        _check_combination(self, spec_config, lv_config)
         return spec_config

@@ -33,4 +33,4 @@ class ModelRunnerInitPatch(Patch):
         config = LVSpecConfig.from_dict(options)
         self.drafter = LVSpecDrafter(vllm_config=self.vllm_config, device=self.device, runner=self)
         self.rejection_sampler = LVSpecRejectionSampler(
-            self.sampler, self.speculative_config, self.device, config)
+            self.sampler, self.speculative_config, self.device, config, runner=self)
