@@ -21,11 +21,13 @@ verification. In strict mode nothing is raised and the output is exactly vLLM's.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
 from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 
+from lvspec_vllm import metrics
 from lvspec_vllm._logging import get_logger
 from lvspec_vllm.config import LVSpecConfig
 from lvspec_vllm.verify import rules
@@ -41,6 +43,16 @@ _C = {name: i for i, name in enumerate(COUNTERS)}
 _LOG_INTERVAL_S = 10.0
 # Far above any real logit, small enough that logit / temperature stays finite in float32.
 _BOOST = 1.0e4
+
+
+def _is_first_tp_rank() -> bool:
+    # Every rank reaches the same decisions; one of them reports, like vLLM's output rank.
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank() == 0
+    except AssertionError:  # no TP group: a single process outside an engine
+        return True
 
 
 def verify_params(config: LVSpecConfig) -> rules.VerifyParams:
@@ -64,6 +76,9 @@ class LVSpecRejectionSampler(RejectionSampler):
         self._embeddings: torch.Tensor | None = None
         self._decision: tuple | None = None
         self._last_log = time.monotonic()
+        self._publisher = None
+        if os.environ.get(metrics.ENV) and _is_first_tp_rank():
+            self._publisher = metrics.MetricsPublisher(COUNTERS, os.environ[metrics.ENV])
         logger.info("LVSpec rejection sampler installed (verification: %s)",
                     lvspec_config.describe())
 
@@ -184,6 +199,8 @@ class LVSpecRejectionSampler(RejectionSampler):
                 delta[_C[f"rejected_{name}"]] = by_stop[code]
             delta[_C["rejected_standard"]] = (rejected & ~ours).sum()
         self.counts += delta
+        if self._publisher is not None:
+            self._publisher.publish(self.counts)
 
     def snapshot(self) -> dict[str, int]:
         return dict(zip(COUNTERS, self.counts.tolist()))

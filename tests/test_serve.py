@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,14 @@ def test_serve_answers_a_video_chat_and_counts_spec_decode(tiny_models, tmp_path
             model=SERVED_NAME, messages=[{"role": "user", "content": "hello, what is the sky?"}],
             max_tokens=24, temperature=0.0, extra_body={"ignore_eos": True})
         after_text = srv.metrics()
+        # LVSpec's own counters reach /metrics within a second of the step that made them
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            lv = srv.metrics()
+            if lv.get("lvspec:draft_tokens_total") == after_text[
+                    "vllm:spec_decode_num_draft_tokens_total"]:
+                break
+            time.sleep(0.5)
         log = srv.log()
     # the video reached the model: far more prompt tokens than the text alone
     assert reply.usage.completion_tokens == 24 and reply.choices[0].message.content
@@ -40,6 +49,9 @@ def test_serve_answers_a_video_chat_and_counts_spec_decode(tiny_models, tmp_path
     assert after_text[drafts] > after_video[drafts]
     assert after_text[accepted] > after_video[accepted]  # the aligned draft agrees on text
     assert "LVSpec rejection sampler installed" in log
+    assert lv["lvspec:draft_tokens_total"] == after_text["vllm:spec_decode_num_draft_tokens_total"]
+    assert lv["lvspec:accepted_tokens_total"] == after_text[accepted]  # strict: all "exact"
+    assert lv["lvspec:verify_steps_total"] > 0
 
 
 def test_serve_refuses_bad_lvspec_option_at_startup(tiny_models, tmp_path):

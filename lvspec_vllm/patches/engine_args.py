@@ -106,6 +106,9 @@ class CreateSpeculativeConfigPatch(Patch):
                                     "VLLM_USE_V2_MODEL_RUNNER or set it to 0.")
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.additional_config = {**(self.additional_config or {}), "lvspec": lv_config.to_dict()}
+        from lvspec_vllm.metrics import install_collector
+
+        install_collector()  # this is the API process: /metrics is served from here
         spec_config = original(self, *args, **kwargs)
         _check_combination(self, spec_config, lv_config)
         return spec_config

@@ -1,0 +1,125 @@
+"""LVSpec's counters on vLLM's ``/metrics``.
+
+The verifier counts in the worker (``LVSpecRejectionSampler.counts``, on the device); vLLM's
+Prometheus registry lives in the API process, and vLLM has no channel for a plugin's numbers
+between the two. So the first TP rank's worker publishes a snapshot file, and a collector in the
+API process reads it at every scrape:
+
+    worker:  counts --(non-blocking copy, each step)--> pinned host buffer
+             background thread, every 0.5 s: write <dir>/engine-<pid>.json atomically
+    API:     LVSpecCollector.collect() sums the files -> lvspec:* counters
+
+The verify path never waits for the host. ``<dir>`` is created by the API process when it
+accepts an "lvspec" config and reaches the workers in ``LVSPEC_METRICS_DIR`` (they inherit the
+environment; on other Ray nodes there is no such file and the counters stay on the first node).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+ENV = "LVSPEC_METRICS_DIR"
+_PUBLISH_INTERVAL_S = 0.5
+
+# counter slot -> (metric, label value); slots are lvspec_vllm.sampler.COUNTERS
+METRICS = {
+    "lvspec:verify_steps": ("Verify steps run by the LVSpec rejection sampler.", None, None),
+    "lvspec:draft_tokens": ("Draft tokens verified by LVSpec.", None, None),
+    "lvspec:accepted_tokens": ("Draft tokens accepted, by the rule that accepted them.", "rule",
+                               ("exact", "plausible", "semantic", "shifted")),
+    "lvspec:rejections": ("Requests whose draft was cut short, by reason.", "reason",
+                          ("anchor", "guard", "no_rule", "budget", "entropy", "strict",
+                           "standard")),
+}
+
+
+def _slot(metric: str, label: str | None) -> str:
+    if metric == "lvspec:verify_steps":
+        return "verify_steps"
+    if metric == "lvspec:draft_tokens":
+        return "draft_tokens"
+    return label if metric == "lvspec:accepted_tokens" else f"rejected_{label}"
+
+
+class MetricsPublisher:
+    """Worker side: mirror the device counters to a file without blocking the verify path."""
+
+    def __init__(self, names: tuple[str, ...], directory: str):
+        self.names = names
+        self.path = Path(directory) / f"engine-{os.getpid()}.json"
+        self._host = torch.zeros(len(names), dtype=torch.int64,
+                                 pin_memory=torch.cuda.is_available())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lvspec-metrics", daemon=True)
+        self._thread.start()
+
+    def publish(self, counts: torch.Tensor) -> None:
+        self._host.copy_(counts, non_blocking=True)
+
+    def _run(self) -> None:
+        last = None
+        while not self._stop.wait(_PUBLISH_INTERVAL_S):
+            snapshot = dict(zip(self.names, self._host.tolist()))
+            if snapshot != last:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(snapshot))
+                tmp.replace(self.path)
+                last = snapshot
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class LVSpecCollector:
+    """API side: a Prometheus collector summing every engine's snapshot in ``directory``."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def _totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for f in self.directory.glob("engine-*.json"):
+            try:
+                for k, v in json.loads(f.read_text()).items():
+                    totals[k] = totals.get(k, 0) + v
+            except (OSError, ValueError):
+                continue  # a file being replaced: the next scrape reads it
+        return totals
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        totals = self._totals()
+        for metric, (doc, label, values) in METRICS.items():
+            family = CounterMetricFamily(metric, doc, labels=[label] if label else None)
+            if label is None:
+                family.add_metric([], totals.get(_slot(metric, None), 0))
+            else:
+                for value in values:
+                    family.add_metric([value], totals.get(_slot(metric, value), 0))
+            yield family
+
+
+_collector: LVSpecCollector | None = None
+
+
+def install_collector() -> str:
+    """In the API process: create the snapshot directory and register the collector, once."""
+    global _collector
+    if _collector is None:
+        directory = tempfile.mkdtemp(prefix="lvspec-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ[ENV] = directory
+        from prometheus_client import REGISTRY
+
+        _collector = LVSpecCollector(directory)
+        REGISTRY.register(_collector)
+    return str(_collector.directory)

@@ -1,0 +1,39 @@
+"""LVSpec counters: worker snapshot file -> collector in the API process -> Prometheus text."""
+
+import time
+
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+from lvspec_vllm.metrics import LVSpecCollector, MetricsPublisher
+from lvspec_vllm.sampler import COUNTERS
+
+
+def test_published_counts_reach_prometheus_text(tmp_path):
+    counts = torch.arange(1, len(COUNTERS) + 1, dtype=torch.int64)
+    pub = MetricsPublisher(COUNTERS, str(tmp_path))
+    pub.publish(counts)
+    registry = CollectorRegistry()
+    registry.register(LVSpecCollector(str(tmp_path)))
+    deadline = time.time() + 5
+    while "lvspec:verify_steps_total 1.0" not in (text := generate_latest(registry).decode()) \
+            or "lvspec:draft_tokens_total 2.0" not in text:
+        assert time.time() < deadline, text
+        time.sleep(0.1)
+    pub.close()
+    value = dict(zip(COUNTERS, counts.tolist()))
+    assert f'lvspec:accepted_tokens_total{{rule="plausible"}} {float(value["plausible"])}' in text
+    assert f'lvspec:rejections_total{{reason="guard"}} {float(value["rejected_guard"])}' in text
+    assert f'lvspec:rejections_total{{reason="standard"}} {float(value["rejected_standard"])}' \
+        in text
+
+
+def test_collector_sums_engines_and_survives_a_torn_file(tmp_path):
+    (tmp_path / "engine-1.json").write_text('{"verify_steps": 2, "exact": 5}')
+    (tmp_path / "engine-2.json").write_text('{"verify_steps": 3, "exact": 1}')
+    (tmp_path / "engine-3.json").write_text('{"verify_st')  # mid-write
+    registry = CollectorRegistry()
+    registry.register(LVSpecCollector(str(tmp_path)))
+    text = generate_latest(registry).decode()
+    assert "lvspec:verify_steps_total 5.0" in text
+    assert 'lvspec:accepted_tokens_total{rule="exact"} 6.0' in text
