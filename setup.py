@@ -16,7 +16,7 @@ setup(
     # kernels/ sits at the top of the repository but imports as lvspec_vllm.kernels, so it never
     # clashes with another distribution's top-level `kernels` package.
     packages=["lvspec_vllm", "lvspec_vllm.kernels", "lvspec_vllm.patches", "lvspec_vllm.verify",
-              "lvspec_vllm.testing"],
+              "lvspec_vllm.testing", "lvspec_vllm.bench"],
     package_dir={"lvspec_vllm.kernels": "kernels"},
     install_requires=[f"vllm{SUPPORTED_VLLM}"],
     extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"]},
@@ -26,6 +26,7 @@ setup(
             "lvspec-tiny-models = lvspec_vllm.testing.tiny_models:main",
             "lvspec-preset = lvspec_vllm.config:preset_main",
             "lvspec-demo = lvspec_vllm.demo:main",
+            "lvspec-bench-verify = lvspec_vllm.bench.verify_step:main",
         ],
     },
 )

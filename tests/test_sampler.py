@@ -1,12 +1,11 @@
 """LVSpecRejectionSampler in process, on synthetic verify batches: the scheduler's invariant,
 agreement with the rules, real logprobs, and strict mode equal to vLLM's own sampler."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from lvspec_vllm.config import LVSpecConfig
+from lvspec_vllm.testing.verify_batch import fake_runner, sampling_metadata, spec_metadata
 from lvspec_vllm.verify import rules as R
 
 V = 96
@@ -14,47 +13,15 @@ STOP = 3  # a stop token id of every request
 
 
 def _metadata(drafts):
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-
-    target, bonus, start = [], [], 0
-    for d in drafts:
-        target += list(range(start, start + len(d)))
-        bonus.append(start + len(d))
-        start += len(d) + 1
-    num = [len(d) for d in drafts]
-    cu = torch.tensor(num).cumsum(0).to(torch.int32)
-    return SpecDecodeMetadata(
-        draft_token_ids=torch.tensor(sum(drafts, []), dtype=torch.int32),
-        num_draft_tokens=num, cu_num_draft_tokens=cu,
-        cu_num_sampled_tokens=(torch.tensor(num) + 1).cumsum(0).to(torch.int32),
-        target_logits_indices=torch.tensor(target, dtype=torch.int32),
-        bonus_logits_indices=torch.tensor(bonus, dtype=torch.int32),
-        logits_indices=torch.arange(start, dtype=torch.int32))
+    return spec_metadata(drafts)
 
 
 def _sampling(temperature, logprobs=None):
-    from vllm.v1.sample.logits_processor import LogitsProcessors
-    from vllm.v1.sample.metadata import SamplingMetadata
-
-    B = len(temperature)
-    t = torch.tensor(temperature, dtype=torch.float32)
-    greedy = all(x == 0 for x in temperature)
-    return SamplingMetadata(
-        temperature=None if greedy else t, all_greedy=greedy,
-        all_random=all(x > 0 for x in temperature), top_p=None, top_k=None,
-        generators={}, max_num_logprobs=logprobs, no_penalties=True, prompt_token_ids=None,
-        frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-        repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)],
-        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    return sampling_metadata(temperature, logprobs)
 
 
 def _runner(tiny_models, req_ids, visual):
-    requests = {r: SimpleNamespace(mm_features=["video"] if v else [],
-                                   sampling_params=SimpleNamespace(all_stop_token_ids={STOP}))
-                for r, v in zip(req_ids, visual)}
-    return SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(req_ids)), requests=requests,
-                           model_config=SimpleNamespace(tokenizer=str(tiny_models / "qwen25vl"),
-                                                        trust_remote_code=False))
+    return fake_runner(req_ids, visual, str(tiny_models / "qwen25vl"), {STOP})
 
 
 def _sampler(tiny_models, options, req_ids, visual):
