@@ -140,6 +140,9 @@ class LVSpecRejectionSampler(RejectionSampler):
             tok = get_tokenizer(model_config.tokenizer,
                                 trust_remote_code=model_config.trust_remote_code)
             ids = set(tok.all_special_ids)
+            # chat and vision markers are added tokens flagged special, not all in all_special_ids
+            ids |= {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
+                    if getattr(t, "special", False)}
             if tok.eos_token_id is not None:
                 ids.add(tok.eos_token_id)
             for word in self.lvspec_config.guard_words:

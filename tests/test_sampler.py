@@ -174,3 +174,16 @@ def test_request_state_is_dropped_when_the_request_leaves(tiny_models):
     drafts2, logits2 = _batch(5, 2)
     sampler(_metadata(drafts2), None, logits2, _sampling([0.0] * 2))
     assert len(sampler.states) == 2 and "b" not in sampler.states._states
+
+
+def test_guards_cover_eos_specials_and_guard_words(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "qwen25vl")
+    sampler = _sampler(tiny_models, {**LOOSE, "guard_words": ["not", "7"]}, ["g"], [True])
+    mask = sampler._guards(2048, torch.device("cpu"))
+    for special in ("<|im_end|>", "<|endoftext|>", "<|video_pad|>"):
+        assert mask[tok.convert_tokens_to_ids(special)]
+    for word in ("not", " not", "7"):
+        assert mask[tok.encode(word, add_special_tokens=False)[0]]
+    assert not mask[tok.encode(" sky", add_special_tokens=False)[0]]
