@@ -8,9 +8,7 @@ Users pass the options flat inside vLLM's ``--speculative-config`` next to vLLM'
 ships the result to every worker inside ``VllmConfig.additional_config["lvspec"]``. Nothing else in
 the plugin reads options from anywhere else.
 
-Strict verification (``loose`` false, the default) is lossless. Loose verification needs
-``anchor_identification`` false in this release: the visual relevance that tells anchors from
-fillers is not captured yet, and without it requests are never silently loose.
+Strict verification (``loose`` false, the default) is lossless.
 """
 
 from __future__ import annotations
@@ -99,13 +97,11 @@ class LVSpecConfig:
                     f"(plus vLLM's own speculative_config keys).")
             values[key] = _check(known[key], value)
         cfg = cls(**values)
-        if cfg.loose and cfg.anchor_identification:
-            raise LVSpecConfigError(
-                "'loose': true with 'anchor_identification': true needs the target's visual "
-                "relevance, which this release does not capture yet. Set "
-                "'anchor_identification': false (every non-guarded position may be loose), or "
-                "leave 'loose' false (strict, lossless).")
         return cfg
+
+    def needs_relevance(self) -> bool:
+        """Whether the target's visual attention must be captured (loose with anchors)."""
+        return self.loose and self.anchor_identification
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -70,8 +70,11 @@ class MetricsPublisher:
             snapshot = dict(zip(self.names, self._host.tolist()))
             if snapshot != last:
                 tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(snapshot))
-                tmp.replace(self.path)
+                try:
+                    tmp.write_text(json.dumps(snapshot))
+                    tmp.replace(self.path)
+                except OSError:
+                    return  # the API process is gone and removed the directory
                 last = snapshot
 
     def close(self) -> None:

@@ -65,8 +65,10 @@ def verify_params(config: LVSpecConfig) -> rules.VerifyParams:
 
 
 class LVSpecRejectionSampler(RejectionSampler):
-    def __init__(self, sampler, spec_config, device, lvspec_config: LVSpecConfig, runner=None):
+    def __init__(self, sampler, spec_config, device, lvspec_config: LVSpecConfig, runner=None,
+                 relevance=None):
         super().__init__(sampler, spec_config, device)
+        self.relevance = relevance  # RelevanceCapture, when anchors are identified
         self.lvspec_config = lvspec_config
         self.params = verify_params(lvspec_config)
         self.runner = runner
@@ -113,23 +115,60 @@ class LVSpecRejectionSampler(RejectionSampler):
             request = live[req_id]
             stops = request.sampling_params.all_stop_token_ids if request.sampling_params else ()
             self.states.get(req_id, initial_codebook=sorted(stops))
-            if not request.mm_features:
-                strict = cfg.text_only_requests == "strict"
-            else:
-                # Visual evidence is needed to tell anchors from fillers; without identification
-                # every non-guarded position may be loose (the ablation).
-                strict = cfg.anchor_identification
-            thresholds.append(-math.inf if strict else math.inf)
+            if not request.mm_features:  # no visual evidence to tell anchors from fillers
+                thr = -math.inf if cfg.text_only_requests == "strict" else math.inf
+            elif cfg.anchor_identification:
+                thr = self.states.threshold(req_id, cfg.relevance_mode, cfg.relevance_threshold,
+                                            cfg.relevance_sigma)
+            else:  # the no-identification ablation: every non-guarded position may be loose
+                thr = math.inf
+            thresholds.append(thr)
         device = logits.device
+        relevance = self._relevance(metadata)
         temperature = sampling_metadata.temperature
         if temperature is None:  # all greedy: plausibility on the unscaled distribution
             temperature = torch.ones(num_reqs, device=device)
         else:
             temperature = torch.where(temperature[:num_reqs] > 0, temperature[:num_reqs], 1.0)
-        return rules.verify_reference(
-            metadata.draft_token_ids, metadata.cu_num_draft_tokens, logits, temperature, None,
-            torch.tensor(thresholds, device=device), self.states.codebook_tensor(req_ids, device),
-            self._guards(logits.shape[-1], device), self._embedding_rows(), self.params)
+        verify = rules.verify_reference
+        if device.type == "cuda":  # one launch for the batch; the reference is its spec
+            from lvspec_vllm.kernels.verify_prefix import verify_triton as verify
+        result = verify(
+            metadata.draft_token_ids, metadata.cu_num_draft_tokens, logits, temperature,
+            relevance, torch.tensor(thresholds, device=device),
+            self.states.codebook_tensor(req_ids, device), self._guards(logits.shape[-1], device),
+            self._embedding_rows(), self.params)
+        if relevance is not None:
+            self._remember(req_ids, metadata, relevance, thresholds, result)
+        return result
+
+    def _relevance(self, metadata) -> torch.Tensor | None:
+        """v_j of every draft row: mean visual mass over the selected layers and all heads."""
+        capture = self.relevance
+        if capture is None or capture.mass_sum is None:
+            return None
+        from vllm.distributed import (get_tensor_model_parallel_world_size,
+                                      tensor_model_parallel_all_reduce)
+
+        mass = capture.mass_sum
+        tp = get_tensor_model_parallel_world_size()
+        if tp > 1:  # heads are sharded: sum the ranks' masses before any threshold
+            mass = tensor_model_parallel_all_reduce(mass.clone())
+        tokens = metadata.logits_indices[metadata.target_logits_indices].long()
+        return mass[tokens] / (len(capture.layers) * capture.heads * tp)
+
+    def _remember(self, req_ids, metadata, relevance, thresholds, result) -> None:
+        """Relevance history and the sticky codebook, from the rows this step reached."""
+        cu = [0] + metadata.cu_num_draft_tokens.tolist()
+        v, t = relevance.tolist(), result.target_argmax.tolist()
+        accepted = result.num_accepted.tolist()
+        for r, req_id in enumerate(req_ids):
+            if not math.isfinite(thresholds[r]):
+                continue  # strict or unidentified request: no history to keep
+            lo, hi = cu[r], cu[r + 1]
+            reached = range(lo, min(lo + accepted[r] + 1, hi))
+            self.states.get(req_id).add_relevance(v[j] for j in reached)
+            self.states.add_anchors(req_id, (t[j] for j in reached if v[j] >= thresholds[r]))
 
     def _guards(self, vocab: int, device) -> torch.Tensor:
         """[V] bool: EOS, every special token, and the configured guard words."""

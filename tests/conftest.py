@@ -9,6 +9,32 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _import_kernels_interpreted() -> None:
+    """Import the Triton kernels under TRITON_INTERPRET=1 (CPU tensors, no GPU), then restore the
+    variable so the vLLM engines these tests start do not see it. Triton binds interpreter mode
+    when it is first imported and when @triton.jit decorates, so this must run before anything
+    imports triton: conftest is imported before every test module."""
+    import importlib
+
+    if "triton" in sys.modules:
+        raise RuntimeError("triton was imported before tests/conftest.py; the kernel tests "
+                           "need it imported under TRITON_INTERPRET=1")
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in KERNEL_MODULES:
+            importlib.import_module(name)
+    finally:
+        if prev is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+KERNEL_MODULES = ["lvspec_vllm.kernels.verify_prefix"]
+_import_kernels_interpreted()
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     from lvspec_vllm.testing.tiny_models import ensure_tiny_models

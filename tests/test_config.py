@@ -54,11 +54,11 @@ def test_unknown_key_is_named_and_allowed_keys_listed():
     assert "num_speculative_tokens" in msg  # vLLM's keys are listed too
 
 
-def test_loose_needs_identification_off_in_this_release():
-    with pytest.raises(LVSpecConfigError, match="needs the target's visual relevance"):
-        translate({**BASE, "loose": True})
+def test_loose_modes_describe_their_rules():
+    _, cfg = translate({**BASE, "loose": True, "shift": False})
+    assert cfg.needs_relevance() and cfg.describe() == "loose (plausibility, semantic)"
     _, cfg = translate({**BASE, "loose": True, "anchor_identification": False})
-    assert cfg.describe() == "loose (plausibility, semantic, shift)"
+    assert not cfg.needs_relevance()
 
 
 @pytest.mark.parametrize("spec, fragment", [
@@ -183,3 +183,12 @@ def test_docs_list_every_option_as_the_code_defines_it():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     assert options_markdown() in doc, "regenerate the table: python -c 'from lvspec_vllm." \
                                       "config import options_markdown; print(options_markdown())'"
+
+
+def test_identification_refuses_prefix_caching(tiny_models):
+    spec = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_aligned"),
+            "num_speculative_tokens": 3, "loose": True}
+    with pytest.raises(LVSpecConfigError, match="--no-enable-prefix-caching"):
+        _engine_config(tiny_models, spec)
+    cfg = _engine_config(tiny_models, spec, enable_prefix_caching=False)
+    assert cfg.additional_config["lvspec"]["loose"] is True

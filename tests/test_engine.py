@@ -125,3 +125,16 @@ def test_tensor_parallel_2_loose_decisions_are_identical_on_every_rank(runs):
     assert decisions == {k: v for k, v in rank1.items() if k != "tp_rank"}
     assert rank0["plausible"] + rank0["shifted"] > 0
     assert decisions["accepted_tokens"] == tp1["workers"][0]["accepted_tokens"]
+
+
+def test_loose_with_visual_anchors_runs_and_rejects_anchors(runs):
+    """Identification on: the target's attention on the video marks anchors, which stay strict."""
+    options = json.dumps({**LOOSE, "anchor_identification": True, "relevance_threshold": 0.3})
+    lv = runs("qwen25vl-anchors", "--family", "qwen25vl", "--draft", "qwen25vl_aligned",
+              "--k", "4", "--no-prefix-caching", "--lvspec-options", options)
+    base = runs("qwen25vl-base", "--family", "qwen25vl")
+    (w,) = lv["workers"]
+    assert w["rejected_anchor"] > 0 and w["plausible"] + w["semantic"] + w["shifted"] > 0
+    assert w["exact"] + w["plausible"] + w["semantic"] + w["shifted"] == w["accepted_tokens"]
+    for i in TEXT_REQUESTS:
+        assert lv["outputs"][i] == base["outputs"][i]

@@ -6,6 +6,8 @@ second, different patch of the same attribute, so two patches can never silently
 
     engine_args   EngineArgs.create_speculative_config: "lvspec" -> draft_model + additional_config
     model_runner  GPUModelRunner.__init__: install the LVSpec drafter and rejection sampler
+    attention     impl.forward of the target's selected attention layers (per instance, after
+                  load_model): capture queries and keys for the visual relevance
 """
 
 from __future__ import annotations

@@ -71,6 +71,12 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             f"--logprobs-mode {engine_args.logprobs_mode} would report logprobs from the logits "
             f"LVSpec rewrites to encode loose accepts. Use raw_logprobs or raw_logits, or "
             f"strict verification.")
+    if lv_config.needs_relevance() and engine_args.enable_prefix_caching is not False:
+        raise LVSpecConfigError(
+            "loose verification with 'anchor_identification' reads the target's attention on "
+            "the video tokens, which prefix caching would skip: start vLLM with "
+            "--no-enable-prefix-caching (vllm.LLM: enable_prefix_caching=False), or set "
+            "'anchor_identification': false.")
     if lv_config.loose and lv_config.semantic and engine_args.tensor_parallel_size > 1:
         raise LVSpecConfigError(
             "the semantic rule reads the target's embedding rows, which tensor parallelism "

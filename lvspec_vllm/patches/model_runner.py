@@ -32,5 +32,19 @@ class ModelRunnerInitPatch(Patch):
 
         config = LVSpecConfig.from_dict(options)
         self.drafter = LVSpecDrafter(vllm_config=self.vllm_config, device=self.device, runner=self)
+        capture = None
+        if config.needs_relevance():
+            from lvspec_vllm.patches import attention
+            from lvspec_vllm.relevance.capture import RelevanceCapture
+
+            capture = RelevanceCapture(self, {})
+            load_model = self.load_model  # the CPU runner overrides it: wrap the instance's
+
+            def load_and_capture(*args, **kwargs):
+                load_model(*args, **kwargs)
+                attention.install(self, capture, config.relevance_layers)
+
+            self.load_model = load_and_capture
         self.rejection_sampler = LVSpecRejectionSampler(
-            self.sampler, self.speculative_config, self.device, config, runner=self)
+            self.sampler, self.speculative_config, self.device, config, runner=self,
+            relevance=capture)

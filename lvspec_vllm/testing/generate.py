@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     kwargs = dict(model=str(target), dtype=args.dtype, max_model_len=2048, max_num_seqs=8,
                   limit_mm_per_prompt={"video": 1, "image": 1}, seed=0, enforce_eager=True,
-                  tensor_parallel_size=args.tp, disable_log_stats=False)
+                  tensor_parallel_size=args.tp, disable_log_stats=False,
+                  enable_prefix_caching=not args.no_prefix_caching)
     if args.draft:
         draft = args.draft if os.path.isabs(args.draft) else str(models / args.draft)
         kwargs["speculative_config"] = {"method": "lvspec", "model": draft,

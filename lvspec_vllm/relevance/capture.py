@@ -1,0 +1,119 @@
+"""Visual relevance capture on the attention call (the path that needs no cache layout).
+
+The target's selected attention layers call ``observe`` with their post-RoPE query and key
+(see ``lvspec_vllm.patches.attention``). For every request with images or videos, the keys are
+kept by sequence position (so chunked prefill, rejected drafts and recompute after preemption
+simply overwrite them), and for every token past the prompt (the verify rows of a speculative
+step) the per-head visual mass is computed with ``reference.visual_mass`` and summed over heads
+and layers into a per-token buffer, in batch order. The rejection sampler reads that buffer.
+
+It reads keys it captured itself, never the KV cache: the CPU backend stores the cache in a
+packed, ISA-specific layout. Memory: 2 x num_kv_heads_per_rank x head_dim bytes (bf16) per
+token and selected layer, for every live request with visual input, freed when the request
+leaves the runner. Keys of positions served from the prefix cache are never seen, so loose
+verification with identification refuses prefix caching at startup.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lvspec_vllm.relevance.reference import visual_mass, visual_ranges
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def select_layers(layer_names: list[str], spec: tuple) -> dict[str, int]:
+    """{attention layer name: decoder index} of the target layers named by ``relevance_layers``
+    (ints: indices, negative from the end; floats in (0, 1): fractions of the depth)."""
+    by_index = {}
+    for name in layer_names:
+        m = _LAYER_INDEX.search(name)
+        if m and not name.startswith("draft_model."):
+            by_index[int(m.group(1))] = name
+    depth = len(by_index)
+    chosen = set()
+    for entry in spec:
+        idx = int(entry * depth) if isinstance(entry, float) else entry
+        idx = idx + depth if idx < 0 else idx
+        if not 0 <= idx < depth:
+            raise ValueError(f"LVSpec option 'relevance_layers' entry {entry!r} is outside the "
+                             f"target's {depth} decoder layers.")
+        chosen.add(idx)
+    return {by_index[i]: i for i in sorted(chosen)}
+
+
+class RelevanceCapture:
+    def __init__(self, runner, layers: dict[str, int]):
+        self.runner = runner
+        self.layers = layers
+        self.first_layer = min(layers.values()) if layers else None
+        self._keys: dict[tuple[str, int], torch.Tensor] = {}
+        self._plan: list[tuple] = []
+        self.mass_sum: torch.Tensor | None = None  # [num_tokens] summed over heads and layers
+        self.heads: int = 0  # query heads on this rank, per layer
+        # tests: {(req_id, position): {layer: mean mass over this rank's heads}}, when not None
+        self.record: dict | None = None
+
+    # -- per step -----------------------------------------------------------------------------
+    def _begin_step(self, attn_metadata, num_tokens: int, device) -> None:
+        live = self.runner.requests
+        for key in [k for k in self._keys if k[0] not in live]:
+            del self._keys[key]
+        qsl = attn_metadata.query_start_loc.tolist()
+        seq_lens = attn_metadata.seq_lens.tolist()
+        req_ids = self.runner.input_batch.req_ids[:len(seq_lens)]
+        self._plan = []
+        for i, req_id in enumerate(req_ids):
+            request = live.get(req_id)
+            if request is None or not request.mm_features:
+                continue  # no visual evidence: nothing to capture
+            q_len = qsl[i + 1] - qsl[i]
+            first_pos = seq_lens[i] - q_len
+            visual = visual_ranges([f.mm_position for f in request.mm_features])
+            self._plan.append((req_id, qsl[i], q_len, first_pos,
+                               len(request.prompt_token_ids or ()), visual))
+        self.mass_sum = torch.zeros(num_tokens, dtype=torch.float32, device=device)
+
+    def observe(self, layer_name: str, query: torch.Tensor, key: torch.Tensor, attn_metadata,
+                scale: float, num_heads: int, num_kv_heads: int, head_size: int) -> None:
+        layer = self.layers[layer_name]
+        n = attn_metadata.num_actual_tokens
+        q = query[:n].view(n, num_heads, head_size)
+        k = key[:n].view(n, num_kv_heads, head_size)
+        if layer == self.first_layer:
+            self._begin_step(attn_metadata, n, query.device)
+            self.heads = num_heads
+        for req_id, start, q_len, first_pos, prompt_len, ranges in self._plan:
+            end_pos = first_pos + q_len
+            store = self._store(req_id, layer, end_pos, k)
+            store[first_pos:end_pos] = k[start:start + q_len]
+            # rows past the prompt: the positions a speculative step verifies
+            first_row = max(prompt_len - first_pos, 0)
+            if first_row >= q_len:
+                continue
+            visual = torch.zeros(end_pos, dtype=torch.bool, device=q.device)
+            for a, b in ranges.tolist():
+                visual[a:min(b, end_pos)] = True
+            ctx = torch.arange(first_pos + first_row + 1, end_pos + 1, device=q.device)
+            mass = visual_mass(q[start + first_row:start + q_len], store[:end_pos], visual, ctx,
+                               scale)
+            self.mass_sum[start + first_row:start + q_len] += mass.sum(dim=-1)
+            if self.record is not None:
+                for i, m in enumerate(mass.mean(dim=-1).tolist()):
+                    self.record.setdefault((req_id, first_pos + first_row + i), {})[layer] = m
+
+    def _store(self, req_id: str, layer: int, length: int, like: torch.Tensor) -> torch.Tensor:
+        store = self._keys.get((req_id, layer))
+        if store is None or store.shape[0] < length:
+            grown = like.new_zeros((max(length, 2 * (0 if store is None else store.shape[0])),
+                                    *like.shape[1:]))
+            if store is not None:
+                grown[:store.shape[0]] = store
+            store = self._keys[(req_id, layer)] = grown
+        return store
+
+    def live_requests(self) -> int:
+        return len({req_id for req_id, _ in self._keys})

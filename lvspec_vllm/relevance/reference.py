@@ -1,0 +1,65 @@
+"""Visual relevance v_j: the target's attention mass on the request's visual tokens.
+
+Plain-torch reference, no vLLM import. For one verify row (query q at one position) and one
+query head h, the mass is
+
+    m_h = sum over visual keys i < ctx of softmax_i(q_h . k_i * scale)      (softmax over all i < ctx)
+        = exp(LSE_visual - LSE_all)
+
+and v_j is the mean of m_h over query heads and the configured layers. GQA: query head h reads
+key head h // (Hq // Hkv). Attention weights are never materialised beyond one row's scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
+                context_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-head visual attention mass of R query rows of one request.
+
+    query        [R, Hq, D]  post-RoPE queries of the rows
+    keys         [N, Hkv, D] post-RoPE keys of the request's positions 0..N-1
+    visual       [N] bool    positions holding image/video embeddings
+    context_len  [R] int     row r attends to positions [0, context_len[r]) (causal)
+    returns      [R, Hq] float32; 0 where no visual key is in context
+    """
+    R, Hq, D = query.shape
+    N, Hkv, _ = keys.shape
+    k = keys.float().repeat_interleave(Hq // Hkv, dim=1)             # [N, Hq, D]
+    scores = torch.einsum("rhd,nhd->rhn", query.float(), k) * scale  # [R, Hq, N]
+    pos = torch.arange(N, device=query.device)
+    causal = pos[None, :] < context_len[:, None].to(query.device)   # [R, N]
+    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
+    lse_all = torch.logsumexp(scores, dim=-1)
+    vis_scores = scores.masked_fill(~visual.to(query.device)[None, None, :], float("-inf"))
+    lse_vis = torch.logsumexp(vis_scores, dim=-1)
+    return torch.exp(lse_vis - lse_all)  # exp(-inf) = 0 when no visual key
+
+
+def relevance_from_masses(masses: list[torch.Tensor]) -> torch.Tensor:
+    """v_j: the mean over layers (list entries, each [R, Hq]) and query heads."""
+    return torch.stack(masses).mean(dim=(0, 2))
+
+
+def visual_ranges(mm_positions, device="cpu") -> torch.Tensor:
+    """[n, 2] int32 (start, end) runs of embedding positions from vLLM's PlaceholderRanges
+    (``offset``, ``length``, optional ``is_embed`` mask within the range)."""
+    runs = []
+    for p in mm_positions:
+        if p.is_embed is None:
+            runs.append((p.offset, p.offset + p.length))
+            continue
+        embed = p.is_embed.tolist()
+        i = 0
+        while i < len(embed):
+            if embed[i]:
+                j = i
+                while j < len(embed) and embed[j]:
+                    j += 1
+                runs.append((p.offset + i, p.offset + j))
+                i = j
+            else:
+                i += 1
+    return torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 2)
