@@ -192,3 +192,28 @@ def test_identification_refuses_prefix_caching(tiny_models):
         _engine_config(tiny_models, spec)
     cfg = _engine_config(tiny_models, spec, enable_prefix_caching=False)
     assert cfg.additional_config["lvspec"]["loose"] is True
+
+
+@pytest.mark.parametrize("eager, mode, refused", [
+    (False, None, True), (False, "FULL_AND_PIECEWISE", True), (False, "FULL", True),
+    (False, "PIECEWISE", False), (False, "NONE", False), (True, None, False)])
+def test_identification_refuses_full_cuda_graphs_on_cuda(monkeypatch, eager, mode, refused):
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    from lvspec_vllm.patches.engine_args import _check_combination
+
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)  # simulate a GPU
+    args = SimpleNamespace(
+        logprobs_mode="raw_logprobs", enable_prefix_caching=False, tensor_parallel_size=1,
+        enforce_eager=eager, compilation_config=SimpleNamespace(
+            cudagraph_mode=None if mode is None else CUDAGraphMode[mode]))
+    spec = SimpleNamespace(draft_model_config=None)
+    _, cfg = translate({**BASE, "loose": True})
+    if refused:
+        with pytest.raises(LVSpecConfigError, match="cudagraph_mode"):
+            _check_combination(args, spec, cfg)
+    else:
+        _check_combination(args, spec, cfg)

@@ -77,6 +77,12 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             "the video tokens, which prefix caching would skip: start vLLM with "
             "--no-enable-prefix-caching (vllm.LLM: enable_prefix_caching=False), or set "
             "'anchor_identification': false.")
+    if lv_config.needs_relevance() and _full_cuda_graphs_possible(engine_args):
+        raise LVSpecConfigError(
+            "loose verification with 'anchor_identification' captures the target's attention "
+            "from Python at the attention call, which full CUDA graphs replay without: start "
+            "vLLM with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
+            "--enforce-eager, or set 'anchor_identification': false.")
     if lv_config.loose and lv_config.semantic and engine_args.tensor_parallel_size > 1:
         raise LVSpecConfigError(
             "the semantic rule reads the target's embedding rows, which tensor parallelism "
@@ -88,6 +94,15 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             f"LVSpec draft {draft.model!r} is a vision-language model ({arch}); this release "
             f"drafts with a text-only model. Use a text-only draft of the target's family with "
             f"the same vocabulary (its language model, e.g. a Qwen2ForCausalLM checkpoint).")
+
+
+def _full_cuda_graphs_possible(engine_args: Any) -> bool:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike() or engine_args.enforce_eager:
+        return False
+    mode = getattr(engine_args.compilation_config, "cudagraph_mode", None)
+    return mode is None or mode.name not in ("NONE", "PIECEWISE")  # vLLM's default has FULL
 
 
 class CreateSpeculativeConfigPatch(Patch):
