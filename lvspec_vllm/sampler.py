@@ -130,14 +130,16 @@ class LVSpecRejectionSampler(RejectionSampler):
             temperature = torch.ones(num_reqs, device=device)
         else:
             temperature = torch.where(temperature[:num_reqs] > 0, temperature[:num_reqs], 1.0)
+        embeddings = self._embedding_rows()
         verify = rules.verify_reference
-        if device.type == "cuda":  # one launch for the batch; the reference is its spec
+        if device.type == "cuda" and not callable(embeddings):
+            # one launch for the batch; the reference is its spec (and serves sharded rows)
             from lvspec_vllm.kernels.verify_prefix import verify_triton as verify
         result = verify(
             metadata.draft_token_ids, metadata.cu_num_draft_tokens, logits, temperature,
             relevance, torch.tensor(thresholds, device=device),
             self.states.codebook_tensor(req_ids, device), self._guards(logits.shape[-1], device),
-            self._embedding_rows(), self.params)
+            embeddings, self.params)
         if relevance is not None:
             self._remember(req_ids, metadata, relevance, thresholds, result)
         return result
@@ -194,17 +196,22 @@ class LVSpecRejectionSampler(RejectionSampler):
             self._guard_mask = mask.to(device)
         return self._guard_mask
 
-    def _embedding_rows(self) -> torch.Tensor | None:
-        """The target's input embedding matrix, for the semantic rule (None if unused)."""
+    def _embedding_rows(self):
+        """The target's input embeddings for the semantic rule (None if unused): the [V, H]
+        matrix, or under tensor parallelism the vocab-sharded module itself, whose forward
+        gathers full rows on every rank (an all-reduce that every rank runs in step)."""
         if not self.params.semantic:
             return None
         if self._embeddings is None:
+            from vllm.distributed import get_tensor_model_parallel_world_size
             from vllm.model_executor.layers.vocab_parallel_embedding import (
                 ParallelLMHead, VocabParallelEmbedding)
 
-            self._embeddings = next(
-                m.weight for m in self.runner.model.modules()
-                if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead))
+            module = next(m for m in self.runner.model.modules()
+                          if isinstance(m, VocabParallelEmbedding)
+                          and not isinstance(m, ParallelLMHead))
+            sharded = get_tensor_model_parallel_world_size() > 1
+            self._embeddings = module if sharded else module.weight
         return self._embeddings
 
     # -- what was decided -----------------------------------------------------------------------

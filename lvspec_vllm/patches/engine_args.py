@@ -83,10 +83,6 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             "from Python at the attention call, which full CUDA graphs replay without: start "
             "vLLM with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
             "--enforce-eager, or set 'anchor_identification': false.")
-    if lv_config.loose and lv_config.semantic and engine_args.tensor_parallel_size > 1:
-        raise LVSpecConfigError(
-            "the semantic rule reads the target's embedding rows, which tensor parallelism "
-            "shards; this release needs 'semantic': false with --tensor-parallel-size > 1.")
     draft = spec_config.draft_model_config
     if draft is not None and draft.is_multimodal_model:
         arch = (draft.hf_config.architectures or ["?"])[0]

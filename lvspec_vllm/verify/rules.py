@@ -79,9 +79,12 @@ def request_index(cu_num_draft_tokens: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
 
-def _cosine(a_ids: torch.Tensor, b_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    a = emb[a_ids].float()
-    b = emb[b_ids].float()
+def _cosine(a_ids: torch.Tensor, b_ids: torch.Tensor, emb) -> torch.Tensor:
+    """``emb``: the [V, H] embedding matrix, or a callable ids -> rows (a vocab-sharded
+    embedding module under tensor parallelism gathers the rows itself)."""
+    rows = emb if callable(emb) else emb.__getitem__
+    a = rows(a_ids).float()
+    b = rows(b_ids).float()
     return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
