@@ -31,7 +31,7 @@ def _import_kernels_interpreted() -> None:
             os.environ["TRITON_INTERPRET"] = prev
 
 
-KERNEL_MODULES = ["lvspec_vllm.kernels.verify_prefix"]
+KERNEL_MODULES = ["lvspec_vllm.kernels.verify_prefix", "lvspec_vllm.kernels.visual_mass"]
 _import_kernels_interpreted()
 
 
