@@ -54,7 +54,8 @@ class RelevanceCapture:
         self._plan: list[tuple] = []
         self.mass_sum: torch.Tensor | None = None  # [num_tokens] summed over heads and layers
         self.heads: int = 0  # query heads on this rank, per layer
-        # tests: {(req_id, position): {layer: mean mass over this rank's heads}}, when not None
+        # tests: {(req_id, position): {layer: mean mass over this rank's heads}, "steps":
+        # [(first position, tokens) of every target forward]}, when not None
         self.record: dict | None = None
 
     # -- per step -----------------------------------------------------------------------------
@@ -88,6 +89,8 @@ class RelevanceCapture:
             self.heads = num_heads
         for req_id, start, q_len, first_pos, prompt_len, ranges in self._plan:
             end_pos = first_pos + q_len
+            if self.record is not None and layer == self.first_layer:
+                self.record.setdefault("steps", []).append((first_pos, q_len))
             store = self._store(req_id, layer, end_pos, k)
             store[first_pos:end_pos] = k[start:start + q_len]
             # rows past the prompt: the positions a speculative step verifies

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="small values split prompts over several steps (chunked prefill)")
+    ap.add_argument("--num-gpu-blocks", type=int, default=None,
+                    help="KV cache blocks; small values force preemption")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -76,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
                   limit_mm_per_prompt={"video": 1, "image": 1}, seed=0, enforce_eager=True,
                   tensor_parallel_size=args.tp, disable_log_stats=False,
                   enable_prefix_caching=not args.no_prefix_caching)
+    if args.max_num_batched_tokens:
+        kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens,
+                      enable_chunked_prefill=True)
+    if args.num_gpu_blocks:
+        kwargs.update(num_gpu_blocks_override=args.num_gpu_blocks, block_size=16)
     if args.draft:
         draft = args.draft if os.path.isabs(args.draft) else str(models / args.draft)
         kwargs["speculative_config"] = {"method": "lvspec", "model": draft,

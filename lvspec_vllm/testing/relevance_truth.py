@@ -7,7 +7,7 @@ same tokens and video and computes the same mass from its attention weights. Pri
 
     {"positions": [...], "plugin": [...], "hf": [...], "max_abs_diff": x, "layers": [...]}
 
-    python -m lvspec_vllm.testing.relevance_truth [--max-tokens 16]
+    python -m lvspec_vllm.testing.relevance_truth [--max-tokens 16] [--max-num-batched-tokens 8]
 
 LVSPEC_TRUTH_DUMP=FILE also saves the vLLM side (record, prompt and output ids) as JSON, to
 compare other HF settings without rerunning the engine.
@@ -27,13 +27,16 @@ def _start_recording(worker):
 
 
 def _records(worker):
-    record = worker.model_runner.rejection_sampler.relevance.record
-    return {f"{pos}": layers for (_, pos), layers in record.items()}
+    record = dict(worker.model_runner.rejection_sampler.relevance.record)
+    steps = record.pop("steps", [])
+    return {f"{pos}": layers for (_, pos), layers in record.items()}, steps
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="e.g. 8: the prompt and its video are prefilled over several steps")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     frames, meta = synthetic_video(1)
     llm = LLM(model=target, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
               enable_prefix_caching=False, limit_mm_per_prompt={"video": 1},
+              **({"max_num_batched_tokens": args.max_num_batched_tokens,
+                  "enable_chunked_prefill": True} if args.max_num_batched_tokens else {}),
               speculative_config={"method": "lvspec", "model": str(models / "qwen25vl_aligned"),
                                   "num_speculative_tokens": 4, "loose": True,
                                   "relevance_layers": LAYERS})
@@ -58,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
                          "multi_modal_data": {"video": (frames, meta)}}],
                        SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                       ignore_eos=True), use_tqdm=False)[0]
-    record = llm.collective_rpc(_records)[0]
+    record, steps = llm.collective_rpc(_records)[0]
     prompt_ids, output_ids = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
     del llm
     if os.environ.get("LVSPEC_TRUTH_DUMP"):
-        json.dump({"record": record, "prompt": prompt_ids, "output": output_ids},
+        json.dump({"record": record, "steps": steps, "prompt": prompt_ids,
+                   "output": output_ids},
                   open(os.environ["LVSPEC_TRUTH_DUMP"], "w"))
 
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     diff = max((abs(a - b) for a, b in zip(plugin, hf)), default=float("nan"))
     print(json.dumps({"positions": positions, "plugin": plugin, "hf": hf,
                       "max_abs_diff": diff, "layers": LAYERS, "prompt_tokens": len(prompt_ids),
+                      "prefill_steps": sum(first < len(prompt_ids) for first, _ in steps),
                       "visual_tokens": int(visual.sum())}))
 
 
