@@ -140,3 +140,13 @@ def test_loose_with_visual_anchors_runs_and_rejects_anchors(runs):
     assert w["exact"] + w["plausible"] + w["semantic"] + w["shifted"] == w["accepted_tokens"]
     for i in TEXT_REQUESTS:
         assert lv["outputs"][i] == base["outputs"][i]
+
+
+def test_strict_lvspec_survives_preemption_with_video(runs):
+    """A KV cache of 7 x 32 slots cannot hold the six requests: vLLM preempts and recomputes,
+    and the strict output is still the target's greedy output."""
+    base = runs("qwen25vl-base", "--family", "qwen25vl")
+    tight = runs("qwen25vl-lvspec-preempt", "--family", "qwen25vl", "--draft",
+                 "qwen25vl_aligned", "--k", "4", "--num-gpu-blocks", "7")
+    assert tight["metrics"]["vllm:num_preemptions"] > 0
+    _assert_same_tokens(base, tight)

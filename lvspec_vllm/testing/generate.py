@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens,
                       enable_chunked_prefill=True)
     if args.num_gpu_blocks:
-        kwargs.update(num_gpu_blocks_override=args.num_gpu_blocks, block_size=16)
+        kwargs.update(num_gpu_blocks_override=args.num_gpu_blocks, block_size=32,
+                      max_model_len=min(2048, 32 * args.num_gpu_blocks - 64))
     if args.draft:
         draft = args.draft if os.path.isabs(args.draft) else str(models / args.draft)
         kwargs["speculative_config"] = {"method": "lvspec", "model": draft,
@@ -102,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         from lvspec_vllm.sampler import worker_report
 
         result["workers"] = llm.collective_rpc(worker_report)
-        for m in llm.get_metrics():
-            if m.name.startswith("vllm:spec_decode") and hasattr(m, "value"):
-                result["metrics"][m.name] = m.value
+    for m in llm.get_metrics():
+        if (m.name.startswith("vllm:spec_decode") or m.name == "vllm:num_preemptions") \
+                and hasattr(m, "value"):
+            result["metrics"][m.name] = m.value
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(json.dumps({k: result[k] for k in ("workers", "metrics")}), file=sys.stderr)
