@@ -168,7 +168,9 @@ def _verify_prefix_kernel(
     used = tl.zeros((), tl.int32)
     stop = tl.full((), _STOP_NONE, tl.int32)
     for i in range(0, n):
-        rule = tl.where(i < j, _SHIFTED, _REJECTED)
+        rule = _REJECTED
+        if i < j:  # inside an accepted shift: an inserted token may match its own row
+            rule = tl.where((tl.load(flags_ptr + lo + i) >> _F_EXACT) & 1 != 0, _EXACT, _SHIFTED)
         if i == j:
             f = tl.load(flags_ptr + lo + j)
             plausible = (f >> _F_PLAUS) & 1 != 0
@@ -209,17 +211,19 @@ def _verify_prefix_kernel(
                                tl.where(ahead & ~filler, 2 * offs_w + 1, 2 * BLOCK_W))
                 first = tl.min(key, 0)
                 shifted = tl.where(first % 2 == 0, first // 2, 0) % BLOCK_W
+                # position j is not exact; inserted tokens that match their own row are free
+                loose_inserted = 1 + tl.sum((ahead & (offs_w < shifted) & ~g_exact).to(tl.int32), 0)
                 over = False
                 if BUDGET:  # the rejoining position costs budget too unless it is exact
                     rejoin_exact = (tl.load(flags_ptr + lo + j + shifted) >> _F_EXACT) & 1
-                    over = used + shifted + 1 - rejoin_exact > budget
+                    over = used + loose_inserted + 1 - rejoin_exact > budget
                 if shifted == 0:
                     stop = _STOP_NO_RULE
                 elif over:
                     stop = _STOP_BUDGET
                 else:
                     rule = _SHIFTED
-                    used += shifted
+                    used += loose_inserted
                     j += shifted
         tl.store(rule_ptr + lo + i, rule.to(tl.int8))
     tl.store(num_accepted_ptr + r, j)

@@ -237,8 +237,9 @@ def test_shift_edge_cases():
     flat = b["logits"].clone()
     flat[[0, 2, 3], 10:12] = 4.9
     _check({**b, "logits": flat}, P(plausibility=False, semantic=False, entropy_gate=0.5))
-    # an inserted token that happens to be exact is still marked shifted (as the reference does)
-    _check(_uniform([[5, 1, 7]], logits=_one_hot([7, 1, 7])), P(max_loose_per_step=2))
+    # an inserted token that matches its own row is exact and free of budget
+    _check(_uniform([[5, 1, 7]], logits=_one_hot([7, 1, 7])), P(max_loose_per_step=1))
+    _check(_uniform([[5, 1, 7]], logits=_one_hot([7, 1, 7])), P(max_loose_per_step=0))
     # never across the request boundary
     _check(_uniform([[5], [7, 1]], logits=_one_hot([7, 7, 1])), p)
 

@@ -201,3 +201,11 @@ def test_switching_every_loose_rule_off_is_strict(seed):
     strict = R.verify_reference(**{**b, "anchor_threshold": torch.full_like(
         b["anchor_threshold"], -INF)}, params=R.VerifyParams())
     assert torch.equal(res.num_accepted, strict.num_accepted)
+
+
+def test_an_inserted_token_that_matches_its_own_row_counts_as_exact():
+    # the draft inserted 5 and 1 before 7; row 1's target happens to be 1 as well
+    p = R.VerifyParams(plausibility=False, semantic=False, max_loose_per_step=1)
+    res = _run(p, drafts=[[5, 1, 7]], targets=[[7, 1, 7]])
+    assert res.rule.tolist() == [R.SHIFTED, R.EXACT, R.EXACT]
+    assert res.num_accepted.tolist() == [3]  # one loose accept: within the budget of 1

@@ -200,13 +200,15 @@ def accepted_prefix(f: PositionFeatures, cu_num_draft_tokens: torch.Tensor,
             if shifted == 0:
                 stop[r] = STOP_NO_RULE
                 break
+            # an inserted token may still match its own row: exact, and free of budget
+            loose_inserted = sum(not exact[i] for i in range(j, j + shifted))
             rejoin_cost = 0 if exact[j + shifted] else 1  # the rejoining position is loose too
-            if budget_cap is not None and used + shifted + rejoin_cost > budget_cap:
+            if budget_cap is not None and used + loose_inserted + rejoin_cost > budget_cap:
                 stop[r] = STOP_BUDGET
                 break
             for i in range(j, j + shifted):
-                rule[i] = SHIFTED
-            used += shifted
+                rule[i] = EXACT if exact[i] else SHIFTED
+            used += loose_inserted
             j += shifted
         num_accepted[r] = j - lo
     dev = f.exact.device
