@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     work = tempfile.mkdtemp(prefix="lvspec-demo-")
     mp4 = write_mp4(os.path.join(work, "clip.mp4"), synthetic_frames(seed=1))
     log = os.path.join(work, "vllm-serve.log")
-    print(f"[demo] vllm serve {target}\n[demo]   --speculative-config '{spec}'  (log: {log})")
+    print(f"[demo] vllm serve {target}\n[demo]   --speculative-config '{json.dumps(spec)}'  (log: {log})")
     t0 = time.time()
     with vllm_server(target, spec, log_path=log) as server:
         print(f"[demo] server ready in {time.time() - t0:.0f}s at {server.base_url}")
