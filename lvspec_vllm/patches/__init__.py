@@ -26,7 +26,7 @@ class Patch:
     """Wrap ``target_module.target_owner.target_attr`` with ``wrapper(original, *args, **kw)``.
 
     Subclasses set the three target names and define ``wrapper`` as a staticmethod. The
-    original is kept in ``original`` so tests and ``unapply`` can reach it.
+    original is kept in ``original``.
     """
 
     target_module: ClassVar[str]
@@ -69,13 +69,6 @@ class Patch:
             cls.original = original
             setattr(owner, cls.target_attr, patched)
             _applied[cls.key()] = cls
-
-    @classmethod
-    def unapply(cls) -> None:
-        with _lock:
-            if _applied.get(cls.key()) is cls:
-                setattr(cls._owner(), cls.target_attr, cls.original)
-                del _applied[cls.key()]
 
 
 def all_patches() -> list[type[Patch]]:

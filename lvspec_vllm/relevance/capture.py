@@ -117,6 +117,3 @@ class RelevanceCapture:
                 grown[:store.shape[0]] = store
             store = self._keys[(req_id, layer)] = grown
         return store
-
-    def live_requests(self) -> int:
-        return len({req_id for req_id, _ in self._keys})
