@@ -1,6 +1,6 @@
 """lvspec-vllm: LVSpec loosely speculative decoding for video LLMs, as a vLLM plugin."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The vLLM releases whose internals the patches in lvspec_vllm/patches/ were checked against.
 # lvspec_vllm.register() refuses any other version at startup; keep the two in step.
@@ -15,8 +15,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ sits at the top of the repository but imports as lvspec_vllm.kernels, so it never
     # clashes with another distribution's top-level `kernels` package.
-    packages=["lvspec_vllm", "lvspec_vllm.kernels", "lvspec_vllm.patches", "lvspec_vllm.verify",
-              "lvspec_vllm.testing", "lvspec_vllm.bench"],
+    packages=find_packages(include=["lvspec_vllm", "lvspec_vllm.*"]) + ["lvspec_vllm.kernels"],
     package_dir={"lvspec_vllm.kernels": "kernels"},
     install_requires=[f"vllm{SUPPORTED_VLLM}"],
     extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"]},
@@ -27,6 +26,8 @@ setup(
             "lvspec-preset = lvspec_vllm.config:preset_main",
             "lvspec-demo = lvspec_vllm.demo:main",
             "lvspec-bench-verify = lvspec_vllm.bench.verify_step:main",
+            "lvspec-train-world = lvspec_vllm.world.train:main",
+            "lvspec-world-eval = lvspec_vllm.world.evaluate:main",
         ],
     },
 )

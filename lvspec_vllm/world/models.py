@@ -1,0 +1,119 @@
+"""Tokenizer, processor and model configurations of the trained world pair.
+
+The tokenizer is a byte-level BPE fitted on the world's own text, so every anchor word is one
+token (checked), with the Qwen special tokens and chat template of the tiny checkpoints. Target
+and draft are both Qwen2.5-VL: the draft is the same architecture at a fraction of the size, and
+its language model can also be exported alone as a text-only Qwen2 draft.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..testing.tiny_models import QWEN_SPECIALS
+from . import language, scenes
+
+TOKENIZER_SEED = 1234
+VOCAB_SIZE = 1024   # config vocab_size: >= len(tokenizer), a multiple of 64
+
+SIZES = {
+    # text hidden, layers, heads, kv heads; vision hidden, depth
+    "target": dict(hidden=192, layers=4, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2),
+    "draft": dict(hidden=96, layers=2, heads=2, kv_heads=1, vision_hidden=64, vision_depth=1),
+}
+
+# The tiny checkpoints' Qwen template without the default system turn: ten fewer tokens per
+# training sequence, and nothing the world's questions need.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# 84x84 frames stay 84x84: 3x3 merged tokens per temporal slot.
+PIXELS = dict(min_pixels=scenes.SIZE * scenes.SIZE, max_pixels=scenes.SIZE * scenes.SIZE,
+              patch_size=14, merge_size=2, temporal_patch_size=2)
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = language.corpus(TOKENIZER_SEED, 4000)
+    lines += ["user", "assistant"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 64, min_frequency=2, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None,
+                                   model_max_length=4096, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    for word in language.ANCHOR_KINDS:
+        pieces = fast.tokenize(" " + word)
+        assert len(pieces) == 1, f"anchor word {word!r} is not one token: {pieces}"
+    assert len(fast) <= VOCAB_SIZE, len(fast)
+    fast.save_pretrained(path)
+    return fast
+
+
+def special_ids(tok) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+
+def model_config(role: str, tok):
+    from transformers import Qwen2_5_VLConfig
+
+    s = SIZES[role]
+    ids = special_ids(tok)
+    half = s["hidden"] // s["heads"] // 2
+    hw = (half - half // 4) // 2
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE, hidden_size=s["hidden"], intermediate_size=s["hidden"] * 2,
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-6,
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [half - 2 * hw, hw, hw]},
+        ),
+        vision_config=dict(
+            depth=s["vision_depth"], hidden_size=s["vision_hidden"],
+            intermediate_size=s["vision_hidden"] * 2, num_heads=max(2, s["vision_hidden"] // 32),
+            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=112, out_hidden_size=s["hidden"],
+            fullatt_block_indexes=[s["vision_depth"] - 1], tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return cfg
+
+
+def processor(tok):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**PIXELS),
+                               chat_template=CHAT_TEMPLATE)
+
+
+def write_generation_config(path: Path, tok) -> None:
+    ids = special_ids(tok)
+    gen = {"bos_token_id": ids["<|endoftext|>"],
+           "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+           "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=1))

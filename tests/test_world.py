@@ -1,0 +1,135 @@
+"""The benchmark world: generator, captions, parser, tokenizer and training labels."""
+
+import random
+
+import numpy as np
+import pytest
+
+from lvspec_vllm.world import data, language, models, scenes
+
+
+def _scenes(n, seed=0):
+    rng = random.Random(seed)
+    return [scenes.sample_scene(rng) for _ in range(n)]
+
+
+def test_generator_is_deterministic():
+    a, b = _scenes(50, seed=3), _scenes(50, seed=3)
+    assert a == b
+    assert all(np.array_equal(scenes.render(x), scenes.render(y)) for x, y in zip(a, b))
+    assert _scenes(50, seed=4) != a
+
+
+def test_scenes_cover_the_attribute_space():
+    many = _scenes(3000)
+    objs = [o for s in many for o in s.objects]
+    assert {o.colour for o in objs} == set(scenes.COLOURS)
+    assert {o.shape for o in objs} == set(scenes.SHAPES)
+    assert {o.direction for o in objs} == set(scenes.DIRECTIONS)
+    assert {o.event for o in objs} == set(scenes.EVENTS)
+    assert {s.background for s in many} == set(scenes.BACKGROUNDS)
+    assert {len(s.objects) for s in many} == {1, 2}
+
+
+def _cell(x, y):
+    c = scenes.OBJECT // 2
+    return (x + c) // 28, (y + c) // 28
+
+
+@pytest.mark.parametrize("scene", _scenes(300, seed=7))
+def test_render_matches_the_truth(scene):
+    video = scenes.render(scene)
+    assert video.shape == (scenes.FRAMES, scenes.SIZE, scenes.SIZE, 3)
+    for o in scene.objects:
+        for f in range(scenes.FRAMES):
+            x, y = o.corner(f)
+            assert 0 <= x and x + scenes.OBJECT <= scenes.SIZE
+            assert 0 <= y and y + scenes.OBJECT <= scenes.SIZE
+            # The shape's centre pixel has the object's colour exactly when it is visible
+            # (colours are distinct within a scene).
+            centre = tuple(video[f, y + scenes.OBJECT * 2 // 3, x + scenes.OBJECT // 2])
+            assert (centre == scenes.COLOURS[o.colour]) == o.visible(f)
+        # Motion crosses a merged 28 px cell: direction is visible to the language model.
+        first, last = _cell(*o.corner(0)), _cell(*o.corner(scenes.FRAMES - 1))
+        dx, dy = scenes.DIRECTIONS[o.direction]
+        assert np.sign(last[0] - first[0]) == dx and np.sign(last[1] - first[1]) == dy
+
+
+@pytest.mark.parametrize("seed", range(400))
+def test_caption_states_the_truth_and_parses_back(seed):
+    rng = random.Random(seed)
+    scene = scenes.sample_scene(rng)
+    text = language.describe(scene, rng)
+    parsed = language.parse_caption(text)
+    for field, (hit, total) in language.score(language.truth(scene), parsed).items():
+        assert hit == total, (field, text)
+
+
+def test_captions_vary_but_anchors_do_not():
+    scene = _scenes(1, seed=11)[0]
+    texts = {language.describe(scene, random.Random(i)) for i in range(200)}
+    assert len(texts) > 50
+    for t in texts:
+        anchors = sorted(w for w in t.replace(".", " ").replace(",", " ").split()
+                         if language.anchor_kind(w) in ("colour", "shape"))
+        assert anchors == sorted([o.colour for o in scene.objects] +
+                                 [o.shape for o in scene.objects])
+
+
+def test_score_counts_wrong_and_missing_facts():
+    truth = {"background": "black", "objects": [
+        {"colour": "red", "shape": "circle", "direction": "left", "event": "none"},
+        {"colour": "blue", "shape": "square", "direction": "up", "event": "appears"}]}
+    said = language.parse_caption("A blue square appears and moves down. The background is gray.")
+    s = language.score(truth, said)
+    assert s["colour"] == (1, 2) and s["shape"] == (1, 2) and s["event"] == (1, 2)
+    assert s["direction"] == (0, 2) and s["background"] == (0, 1) and s["count"] == (0, 1)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_answers_are_true(seed):
+    rng = random.Random(seed)
+    scene = scenes.sample_scene(rng)
+    q, a = language.question_answer(scene, rng)
+    words = a.lower().strip(".").split()
+    if q.startswith("How many"):
+        shape = q.split()[2][:-1]
+        assert language.COUNT_WORDS[scene.count(shape)] in words
+    elif q.startswith("Which way"):
+        colour = q.split()[4]
+        o = next(o for o in scene.objects if o.colour == colour)
+        assert o.direction in words
+    elif "background" in q:
+        assert scene.background in words
+    else:
+        shape = q.split()[-1].strip("?")
+        o = next(o for o in scene.objects if o.shape == shape)
+        assert o.colour in words
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return models.build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_tokenizer_keeps_anchor_words_whole(tokenizer):
+    for word in language.ANCHOR_KINDS:
+        assert len(tokenizer.tokenize(" " + word)) == 1, word
+    caption = language.describe(_scenes(1)[0], random.Random(0))
+    assert len(tokenizer(caption)["input_ids"]) < 40
+    assert tokenizer.decode(tokenizer(caption)["input_ids"]) == caption
+
+
+def test_labels_cover_exactly_the_answer(tokenizer):
+    tokenizer.padding_side = "right"
+    proc = models.processor(tokenizer)
+    rng = random.Random(5)
+    items = [data.example(rng) for _ in range(6)]
+    enc = data.batch(proc, items, noise=3.0, seed=1)
+    grid = enc["video_grid_thw"]
+    # 8 frames of 84x84: 4 temporal slots of 6x6 patches, one second apart.
+    assert grid.tolist() == [[4, 6, 6]] * 6
+    assert enc["second_per_grid_ts"].tolist() == [1.0] * 6
+    for row, (_, _, answer) in enumerate(items):
+        ids = enc["input_ids"][row][enc["labels"][row] != -100]
+        assert tokenizer.decode(ids) == answer
