@@ -99,6 +99,8 @@ class LVSpecRejectionSampler(RejectionSampler):
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         self._decision = None
         output = super().forward(metadata, draft_probs, logits, sampling_metadata)
+        if not metadata.draft_token_ids.numel():
+            return output  # a k = 0 step: nothing was verified
         self._count(metadata, output.sampled_token_ids)
         self._maybe_log()
         return output
@@ -281,4 +283,7 @@ def worker_report(worker) -> dict:
               "rejection_sampler": type(sampler).__name__}
     if isinstance(sampler, LVSpecRejectionSampler):
         report.update(sampler.snapshot(), live_request_states=len(sampler.states))
+    counts = getattr(getattr(runner, "drafter", None), "counts", None)
+    if counts is not None:
+        report.update({f"drafter_{k}": v for k, v in counts.items()})
     return report

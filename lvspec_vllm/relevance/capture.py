@@ -3,8 +3,7 @@
 The target's selected attention layers call ``observe`` with their post-RoPE query and key
 (see ``lvspec_vllm.patches.attention``). For every request with images or videos, the keys are
 kept by sequence position (so chunked prefill, rejected drafts and recompute after preemption
-simply overwrite them), and for every token past the prompt (the verify rows of a speculative
-step) the per-head visual mass is computed with ``reference.visual_mass`` and summed over heads
+simply overwrite them), and for every row that verifies a draft this step the per-head visual mass is computed with ``reference.visual_mass`` and summed over heads
 and layers into a per-token buffer, in batch order. The rejection sampler reads that buffer.
 
 It reads keys it captured itself, never the KV cache: the CPU backend stores the cache in a
@@ -65,7 +64,8 @@ class RelevanceCapture:
             del self._keys[key]
         qsl = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
-        req_ids = self.runner.input_batch.req_ids[:len(seq_lens)]
+        batch = self.runner.input_batch
+        req_ids = batch.req_ids[:len(seq_lens)]
         self._plan = []
         for i, req_id in enumerate(req_ids):
             request = live.get(req_id)
@@ -73,9 +73,12 @@ class RelevanceCapture:
                 continue  # no visual evidence: nothing to capture
             q_len = qsl[i + 1] - qsl[i]
             first_pos = seq_lens[i] - q_len
+            # The rows that verify drafts: the last sampled token's and every draft's but the
+            # last. A request without drafts this step (prefill, or k = 0) needs no masses.
+            verified = int(batch.num_tokens_no_spec[i]) - 1
+            rows = (max(verified - first_pos, 0), max(q_len - 1, 0))
             visual = visual_ranges([f.mm_position for f in request.mm_features])
-            self._plan.append((req_id, qsl[i], q_len, first_pos,
-                               len(request.prompt_token_ids or ()), visual))
+            self._plan.append((req_id, qsl[i], q_len, first_pos, rows, visual))
         self.mass_sum = torch.zeros(num_tokens, dtype=torch.float32, device=device)
 
     def observe(self, layer_name: str, query: torch.Tensor, key: torch.Tensor, attn_metadata,
@@ -87,23 +90,21 @@ class RelevanceCapture:
         if layer == self.first_layer:
             self._begin_step(attn_metadata, n, query.device)
             self.heads = num_heads
-        for req_id, start, q_len, first_pos, prompt_len, ranges in self._plan:
+        for req_id, start, q_len, first_pos, (first_row, end_row), ranges in self._plan:
             end_pos = first_pos + q_len
             if self.record is not None and layer == self.first_layer:
                 self.record.setdefault("steps", []).append((first_pos, q_len))
             store = self._store(req_id, layer, end_pos, k)
             store[first_pos:end_pos] = k[start:start + q_len]
-            # rows past the prompt: the positions a speculative step verifies
-            first_row = max(prompt_len - first_pos, 0)
-            if first_row >= q_len:
+            if first_row >= end_row:
                 continue
             visual = torch.zeros(end_pos, dtype=torch.bool, device=q.device)
             for a, b in ranges.tolist():
                 visual[a:min(b, end_pos)] = True
-            ctx = torch.arange(first_pos + first_row + 1, end_pos + 1, device=q.device)
-            mass = visual_mass(q[start + first_row:start + q_len], store[:end_pos], visual, ctx,
+            ctx = torch.arange(first_pos + first_row + 1, first_pos + end_row + 1, device=q.device)
+            mass = visual_mass(q[start + first_row:start + end_row], store[:end_pos], visual, ctx,
                                scale)
-            self.mass_sum[start + first_row:start + q_len] += mass.sum(dim=-1)
+            self.mass_sum[start + first_row:start + end_row] += mass.sum(dim=-1)
             if self.record is not None:
                 for i, m in enumerate(mass.mean(dim=-1).tolist()):
                     self.record.setdefault((req_id, first_pos + first_row + i), {})[layer] = m

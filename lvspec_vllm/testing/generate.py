@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="small values split prompts over several steps (chunked prefill)")
     ap.add_argument("--num-gpu-blocks", type=int, default=None,
                     help="KV cache blocks; small values force preemption")
+    ap.add_argument("--waves", default=None,
+                    help="comma-separated request counts arriving in waves, each wave when the "
+                         "previous one has finished: the batch size goes up and down")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -94,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(**kwargs)
     requests = mixed_requests(args.family)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    outs = llm.generate(requests, params, use_tqdm=False)
+    if args.waves:
+        outs = _run_waves(llm, requests, params, [int(w) for w in args.waves.split(",")])
+    else:
+        outs = llm.generate(requests, params, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs],
               "texts": [o.outputs[0].text for o in outs],
               "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
@@ -110,6 +116,21 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(json.dumps({k: result[k] for k in ("workers", "metrics")}), file=sys.stderr)
+
+
+def _run_waves(llm, requests, params, waves: list[int]) -> list:
+    """Feed the engine in waves, stepping it by hand; outputs in submission order."""
+    engine = llm.llm_engine
+    done, n = {}, 0
+    for size in waves:
+        for _ in range(size):
+            engine.add_request(str(n), requests[n % len(requests)], params)
+            n += 1
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[int(out.request_id)] = out
+    return [done[i] for i in range(n)]
 
 
 if __name__ == "__main__":
