@@ -133,3 +133,14 @@ def test_labels_cover_exactly_the_answer(tokenizer):
     for row, (_, _, answer) in enumerate(items):
         ids = enc["input_ids"][row][enc["labels"][row] != -100]
         assert tokenizer.decode(ids) == answer
+
+
+def test_text_only_ids_are_what_the_processor_expands(tokenizer):
+    tokenizer.padding_side = "right"
+    proc = models.processor(tokenizer)
+    rng = random.Random(9)
+    items = [data.example(rng) for _ in range(4)]
+    with_video = data.batch(proc, items)
+    text = data.batch(proc, items, video=False)
+    assert text["input_ids"].tolist() == with_video["input_ids"].tolist()
+    assert text["labels"].tolist() == with_video["labels"].tolist()

@@ -34,15 +34,31 @@ def held_out(n: int, seed: int = HELD_OUT_SEED) -> list[scenes.Scene]:
     return [scenes.sample_scene(rng) for _ in range(n)]
 
 
-def batch(processor, items, noise: float = 0.0, seed: int = 0):
+def video_tokens() -> int:
+    """Placeholder tokens one video expands to: temporal slots x merged cells."""
+    cells = scenes.SIZE // 28
+    return scenes.FRAMES // 2 * cells * cells
+
+
+def text_only(tok, texts: list[str]):
+    """What vLLM feeds a text-only draft: the prompt with each video placeholder expanded to the
+    video's token count, as plain tokens (no pixels)."""
+    expanded = [t.replace("<|video_pad|>", "<|video_pad|>" * video_tokens()) for t in texts]
+    return tok(expanded, padding=True, return_tensors="pt", add_special_tokens=False)
+
+
+def batch(processor, items, noise: float = 0.0, seed: int = 0, video: bool = True):
     """Processor outputs for (scene, prompt, answer) items, with labels on the answer only."""
-    nrng = np.random.default_rng(seed)
-    videos = [scenes.render(s, noise, nrng) for s, _, _ in items]
     texts = [p + a for _, p, a in items]
-    enc = processor(text=texts, videos=videos, padding=True, return_tensors="pt",
-                    videos_kwargs=dict(video_metadata=[scenes.video_metadata()] * len(items),
-                                       do_sample_frames=False))
     tok = processor.tokenizer
+    if video:
+        nrng = np.random.default_rng(seed)
+        videos = [scenes.render(s, noise, nrng) for s, _, _ in items]
+        enc = processor(text=texts, videos=videos, padding=True, return_tensors="pt",
+                        videos_kwargs=dict(video_metadata=[scenes.video_metadata()] * len(items),
+                                           do_sample_frames=False))
+    else:
+        enc = dict(text_only(tok, texts))
     assert tok.padding_side == "right"
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100

@@ -31,11 +31,14 @@ def generate(model, processor, scene_list, question="Describe this video.", max_
     try:
         for i in range(0, len(scene_list), batch_size):
             chunk = scene_list[i:i + batch_size]
-            enc = processor(text=[data.chat_prompt(question)] * len(chunk),
-                            videos=[scenes.render(s) for s in chunk], padding=True,
-                            return_tensors="pt",
-                            videos_kwargs=dict(video_metadata=[scenes.video_metadata()] * len(chunk),
-                                               do_sample_frames=False))
+            prompts = [data.chat_prompt(question)] * len(chunk)
+            if getattr(model.config, "vision_config", None) is None:  # a text-only draft
+                enc = data.text_only(tok, prompts)
+            else:
+                enc = processor(text=prompts, videos=[scenes.render(s) for s in chunk],
+                                padding=True, return_tensors="pt",
+                                videos_kwargs=dict(do_sample_frames=False, video_metadata=[
+                                    scenes.video_metadata()] * len(chunk)))
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -52,9 +55,18 @@ def evaluate(model, processor, n: int = 200) -> tuple[dict[str, float], list[str
     return acc, texts
 
 
+def _load(path):
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+
+    arch = AutoConfig.from_pretrained(path).architectures[0]
+    cls = Qwen2ForCausalLM if arch == "Qwen2ForCausalLM" else Qwen2_5_VLForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32)
+
+
 def main(argv=None) -> None:
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("model", help="an exported world checkpoint directory")
@@ -62,7 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--show", type=int, default=5, help="captions to print")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    model = _load(args.model)
     proc = AutoProcessor.from_pretrained(args.model)
     acc, texts = evaluate(model.eval(), proc, args.n)
     for t in texts[: args.show]:

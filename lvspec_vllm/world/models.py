@@ -17,11 +17,15 @@ from . import language, scenes
 TOKENIZER_SEED = 1234
 VOCAB_SIZE = 1024   # config vocab_size: >= len(tokenizer), a multiple of 64
 
+# "text_draft" is a text-only Qwen2 with the draft's language-model shape. It is trained on the
+# very token sequences vLLM feeds a text-only draft (the video placeholders as plain tokens), so
+# it learns the captions' wording but has to guess every visual word.
 SIZES = {
     # text hidden, layers, heads, kv heads; vision hidden, depth
     "target": dict(hidden=192, layers=4, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2),
     "draft": dict(hidden=96, layers=2, heads=2, kv_heads=1, vision_hidden=64, vision_depth=1),
 }
+TEXT_ONLY = {"text_draft": "draft"}  # text-only role: the VL role whose text shape it takes
 
 # The tiny checkpoints' Qwen template without the default system turn: ten fewer tokens per
 # training sequence, and nothing the world's questions need.
@@ -100,6 +104,20 @@ def model_config(role: str, tok):
         tie_word_embeddings=False,
     )
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return cfg
+
+
+def text_config(role: str, tok):
+    """A text-only Qwen2 with the language-model shape of `role` (the text-only draft)."""
+    from transformers import Qwen2Config
+
+    text = model_config(role, tok).text_config.to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+            "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")
+    cfg = Qwen2Config(**{k: text[k] for k in keep}, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg.architectures = ["Qwen2ForCausalLM"]
     return cfg
 
 

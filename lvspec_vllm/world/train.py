@@ -49,11 +49,12 @@ def export(model, processor, tok, out: Path) -> None:
 
 def main(argv=None) -> None:
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2ForCausalLM)
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("role", choices=sorted(models.SIZES))
+    ap.add_argument("role", choices=sorted([*models.SIZES, *models.TEXT_ONLY]))
     ap.add_argument("--out", type=Path, help="default: <cache>/world-v1/<role>")
     ap.add_argument("--steps", type=int, default=20000, help="total steps of the LR schedule")
     ap.add_argument("--stop-at", type=int, help="stop (resumably) after this step")
@@ -77,8 +78,12 @@ def main(argv=None) -> None:
     tok.padding_side = "right"
     proc = models.processor(tok)
 
-    torch.manual_seed(0 if args.role == "target" else 1)
-    model = Qwen2_5_VLForConditionalGeneration(models.model_config(args.role, tok))
+    torch.manual_seed({"target": 0, "draft": 1}.get(args.role, 2))
+    text_only = args.role in models.TEXT_ONLY
+    if text_only:
+        model = Qwen2ForCausalLM(models.text_config(models.TEXT_ONLY[args.role], tok))
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(models.model_config(args.role, tok))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     step = 0
     ckpt = out / "ckpt.pt"
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
     while step < stop:
         rng = random.Random(f"{args.role}-{step}")
         items = [data.example(rng) for _ in range(args.batch)]
-        enc = data.batch(proc, items, noise=args.noise, seed=step)
+        enc = data.batch(proc, items, noise=args.noise, seed=step, video=not text_only)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
         loss = model(**enc).loss
