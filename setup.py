@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["lvspec_vllm", "lvspec_vllm.*"]) + ["lvspec_vllm.kernels"],
     package_dir={"lvspec_vllm.kernels": "kernels"},
     install_requires=[f"vllm{SUPPORTED_VLLM}"],
-    extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"]},
+    extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"], "bench": ["matplotlib>=3.8"]},
     entry_points={
         "vllm.general_plugins": ["lvspec = lvspec_vllm:register"],
         "console_scripts": [
@@ -26,6 +26,7 @@ setup(
             "lvspec-preset = lvspec_vllm.config:preset_main",
             "lvspec-demo = lvspec_vllm.demo:main",
             "lvspec-bench-verify = lvspec_vllm.bench.verify_step:main",
+            "lvspec-bench = lvspec_vllm.bench.cli:main",
             "lvspec-train-world = lvspec_vllm.world.train:main",
             "lvspec-world-eval = lvspec_vllm.world.evaluate:main",
         ],

@@ -41,6 +41,9 @@ COUNTERS = ("verify_steps", "draft_tokens", "accepted_tokens", "exact", "plausib
             "rejected_entropy", "rejected_strict", "rejected_standard")
 _C = {name: i for i, name in enumerate(COUNTERS)}
 _LOG_INTERVAL_S = 10.0
+# Benchmarks only: a JSON file of token ids that are visual anchor words. With it the sampler
+# also counts how its anchor test agrees with those labels (identification precision/recall).
+ANCHOR_LABELS_ENV = "LVSPEC_ANCHOR_LABELS"
 # Far above any real logit, small enough that logit / temperature stays finite in float32.
 _BOOST = 1.0e4
 
@@ -79,6 +82,15 @@ class LVSpecRejectionSampler(RejectionSampler):
         self._decision: tuple | None = None
         self._last_log = time.monotonic()
         self._publisher = None
+        # Anchor decisions on the rows each step reached, for requests that identify anchors.
+        self.identification = dict.fromkeys(
+            ("scored_rows", "anchor_rows", "labelled_rows", "labelled_anchor_rows"), 0)
+        self._labels: frozenset[int] = frozenset()
+        if os.environ.get(ANCHOR_LABELS_ENV):
+            import json
+
+            with open(os.environ[ANCHOR_LABELS_ENV]) as f:
+                self._labels = frozenset(json.load(f))
         if os.environ.get(metrics.ENV) and _is_first_tp_rank():
             self._publisher = metrics.MetricsPublisher(COUNTERS, os.environ[metrics.ENV])
         logger.info("LVSpec rejection sampler installed (verification: %s)",
@@ -172,7 +184,14 @@ class LVSpecRejectionSampler(RejectionSampler):
             lo, hi = cu[r], cu[r + 1]
             reached = range(lo, min(lo + accepted[r] + 1, hi))
             self.states.get(req_id).add_relevance(v[j] for j in reached)
-            self.states.add_anchors(req_id, (t[j] for j in reached if v[j] >= thresholds[r]))
+            anchors = [t[j] for j in reached if v[j] >= thresholds[r]]
+            self.states.add_anchors(req_id, anchors)
+            ident = self.identification
+            ident["scored_rows"] += len(reached)
+            ident["anchor_rows"] += len(anchors)
+            if self._labels:
+                ident["labelled_rows"] += sum(t[j] in self._labels for j in reached)
+                ident["labelled_anchor_rows"] += sum(a in self._labels for a in anchors)
 
     def _guards(self, vocab: int, device) -> torch.Tensor:
         """[V] bool: EOS, every special token, and the configured guard words."""
@@ -254,7 +273,7 @@ class LVSpecRejectionSampler(RejectionSampler):
             self._publisher.publish(self.counts)
 
     def snapshot(self) -> dict[str, int]:
-        return dict(zip(COUNTERS, self.counts.tolist()))
+        return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}
 
     def _maybe_log(self) -> None:
         now = time.monotonic()

@@ -94,12 +94,12 @@ install_cpu() {
     _fix_cuda_extensions
     _vllm_dist_shim
   fi
-  pip_install -c "$constraint" -e "$ROOT[test]"
+  pip_install -c "$constraint" -e "$ROOT[test,bench]"
 }
 
 install_cuda() {
   have_vllm || pip_install "vllm==$VLLM_CUDA"
-  pip_install -e "$ROOT[test]"
+  pip_install -e "$ROOT[test,bench]"
 }
 
 "install_$DEVICE"

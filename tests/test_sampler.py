@@ -187,3 +187,28 @@ def test_guards_cover_eos_specials_and_guard_words(tiny_models):
     for word in ("not", " not", "7"):
         assert mask[tok.encode(word, add_special_tokens=False)[0]]
     assert not mask[tok.encode(" sky", add_special_tokens=False)[0]]
+
+
+def test_anchor_decisions_are_counted_against_labels(tiny_models, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lvspec_vllm.sampler import ANCHOR_LABELS_ENV
+
+    labels = tmp_path / "labels.json"
+    labels.write_text("[10, 13]")
+    monkeypatch.setenv(ANCHOR_LABELS_ENV, str(labels))
+    sampler = _sampler(tiny_models, {"loose": True}, ["a", "b"], [True, True])
+    meta = _metadata([[5, 6, 7], [8, 9]])
+    result = SimpleNamespace(target_argmax=torch.tensor([10, 11, 12, 13, 14]),
+                             num_accepted=torch.tensor([1, 2]))
+    relevance = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8])
+    sampler._remember(["a", "b"], meta, relevance, [0.4, 0.4], result)
+    # Reached rows: a's first two (one accepted, then the rejection row), b's both.
+    c = sampler.snapshot()
+    assert c["scored_rows"] == 4
+    assert c["anchor_rows"] == 2                     # rows 0 (v=0.9) and 4 (v=0.8)
+    assert c["labelled_rows"] == 2                   # target tokens 10 and 13
+    assert c["labelled_anchor_rows"] == 1            # token 10 is both
+    # Strict requests (infinite threshold) are not scored.
+    sampler._remember(["a", "b"], meta, relevance, [float("-inf"), float("-inf")], result)
+    assert sampler.snapshot()["scored_rows"] == 4

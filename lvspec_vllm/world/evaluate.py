@@ -9,15 +9,16 @@ from collections import Counter
 from . import data, language, scenes
 
 
-def accuracy(references: list[dict], candidates: list[dict]) -> dict[str, float]:
+def accuracy(references: list[dict], candidates: list[dict]) -> dict[str, float | None]:
     """Per attribute and overall: share of the reference's facts the candidates state the same."""
     hit, total = Counter(), Counter()
     for ref, cand in zip(references, candidates):
         for field, (h, t) in language.score(ref, cand).items():
             hit[field] += h
             total[field] += t
-    out = {f: hit[f] / total[f] for f in total}
-    out["all"] = sum(hit.values()) / sum(total.values())
+    # None where the references state no such fact (e.g. a reference caption with no objects)
+    out = {f: hit[f] / total[f] if total[f] else None for f in total}
+    out["all"] = sum(hit.values()) / sum(total.values()) if sum(total.values()) else None
     return out
 
 

@@ -1,0 +1,202 @@
+"""lvspec-bench: speculative decoding modes side by side on the world's held-out videos.
+
+    lvspec-bench --target DIR --draft DIR [--modes none,strict,lvspec,no-id,no-shift,no-semantic]
+                 [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON] --out DIR
+
+Each mode runs in its own vllm.LLM process (``lvspec_vllm.bench.world_run``), one after the
+other on the same machine, with the same requests (greedy, one held-out video each). Reported:
+
+- mean accepted length, vLLM's convention: 1 + accepted / drafts (tokens per drafting step);
+  and accepted per step, SpecVLM's: accepted draft tokens / drafts;
+- output tokens/s of the timed run and the speedup over "none" measured in the same invocation;
+- fidelity against the target's own greedy output ("none"): attribute agreement of the parsed
+  captions, and token agreement (identical outputs; matching tokens position by position);
+- attribute accuracy against the ground truth;
+- anchor identification precision and recall against the labelled anchor words (rows the
+  verifier reached, target token labelled an anchor vs. flagged by the relevance test);
+- the verifier's accepts by rule and rejections by reason.
+
+Writes results.json, results.md and PNG plots (accepted length, fidelity) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lvspec_vllm.bench.world_run import MODES
+
+RULES = ("exact", "plausible", "semantic", "shifted")
+REJECTIONS = ("rejected_anchor", "rejected_guard", "rejected_no_rule", "rejected_budget",
+              "rejected_entropy", "rejected_strict", "rejected_standard")
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def summarise(runs: dict[str, dict]) -> dict[str, dict]:
+    from lvspec_vllm.world import data, evaluate, language
+
+    base = runs.get("none")
+    held = data.held_out(next(iter(runs.values()))["n"])
+    truth = [language.truth(s) for s in held]
+    rows = {}
+    for mode, r in runs.items():
+        m, w = r["metrics"], r.get("worker", {})
+        drafts = m.get("vllm:spec_decode_num_drafts", 0)
+        accepted = m.get("vllm:spec_decode_num_accepted_tokens", 0)
+        parsed = [language.parse_caption(t) for t in r["texts"]]
+        row = {
+            "k": r["k"],
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "accepted_per_step": _ratio(accepted, drafts),
+            "acceptance_rate": _ratio(accepted, m.get("vllm:spec_decode_num_draft_tokens", 0)),
+            "tokens_per_s": r["output_tokens"] / r["elapsed_s"],
+            "output_tokens": r["output_tokens"],
+            "accuracy": evaluate.accuracy(truth, parsed),
+        }
+        if base is not None:
+            ref = [language.parse_caption(t) for t in base["texts"]]
+            row["speedup"] = row["tokens_per_s"] / (base["output_tokens"] / base["elapsed_s"])
+            row["fidelity_attributes"] = evaluate.accuracy(ref, parsed)["all"]
+            same = [a == b for a, b in zip(base["token_ids"], r["token_ids"])]
+            row["identical_outputs"] = sum(same) / len(same)
+            pos = [sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
+                   for a, b in zip(base["token_ids"], r["token_ids"])]
+            row["token_agreement"] = sum(pos) / len(pos)
+        if w:
+            row["identification_precision"] = _ratio(w.get("labelled_anchor_rows", 0),
+                                                     w.get("anchor_rows", 0))
+            row["identification_recall"] = _ratio(w.get("labelled_anchor_rows", 0),
+                                                  w.get("labelled_rows", 0))
+            row["accepts"] = {k: w.get(k, 0) for k in RULES}
+            row["rejections"] = {k.removeprefix("rejected_"): w.get(k, 0) for k in REJECTIONS}
+        rows[mode] = row
+    return rows
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f} %" if pct else f"{x:.2f}"
+
+
+def markdown(rows: dict[str, dict], header: str) -> str:
+    lines = [header, "",
+             "| mode | k | mean accepted length | accepted/step | tokens/s | speedup | "
+             "attribute accuracy | fidelity (attributes) | identical outputs | token agreement | "
+             "anchor precision | anchor recall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        lines.append(
+            f"| {mode} | {r['k']} | {_fmt(r['mean_accepted_length'])} | "
+            f"{_fmt(r['accepted_per_step'])} | {r['tokens_per_s']:.1f} | "
+            f"{_fmt(r.get('speedup'))} | {_fmt(r['accuracy']['all'], True)} | "
+            f"{_fmt(r.get('fidelity_attributes'), True)} | {_fmt(r.get('identical_outputs'), True)} | "
+            f"{_fmt(r.get('token_agreement'), True)} | "
+            f"{_fmt(r.get('identification_precision'), True)} | "
+            f"{_fmt(r.get('identification_recall'), True)} |")
+    lines += ["", "| mode | " + " | ".join(RULES) + " | " +
+              " | ".join(k.removeprefix("rejected_") for k in REJECTIONS) + " |",
+              "|---" * (1 + len(RULES) + len(REJECTIONS)) + "|"]
+    for mode, r in rows.items():
+        if "accepts" in r:
+            lines.append(f"| {mode} | " + " | ".join(str(r["accepts"][k]) for k in RULES) + " | " +
+                         " | ".join(str(v) for v in r["rejections"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: dict[str, dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(rows)
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(modes, [rows[m]["mean_accepted_length"] or 1.0 for m in modes], color="#4c72b0")
+    ax.set_ylabel("mean accepted length")
+    ax.set_title("tokens per drafting step (1 + accepted/drafts)")
+    fig.tight_layout()
+    fig.savefig(out / "accepted_length.png", dpi=120)
+    made.append(out / "accepted_length.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(modes, [100 * (rows[m].get("fidelity_attributes") or 0) for m in modes],
+           color="#55a868", label="attributes vs target greedy")
+    ax.plot(modes, [100 * (rows[m]["accuracy"]["all"] or 0) for m in modes], "ko-",
+            label="attributes vs ground truth")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("fidelity")
+    fig.tight_layout()
+    fig.savefig(out / "fidelity.png", dpi=120)
+    made.append(out / "fidelity.png")
+    plt.close(fig)
+    return made
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--lvspec-options", default="{}")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep run-<mode>.json files already in --out (report again)")
+    args = ap.parse_args(argv)
+
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for i, mode in enumerate(modes, 1):
+        t0 = time.time()
+        path = args.out / f"run-{mode}.json"
+        if args.reuse and path.exists():
+            runs[mode] = json.loads(path.read_text())
+            continue
+        print(f"[lvspec-bench] {i}/{len(modes)} {mode} ...", flush=True)
+        cmd = [sys.executable, "-m", "lvspec_vllm.bench.world_run", "--target", args.target,
+               "--draft", args.draft, "--mode", mode, "--k", str(args.k), "--n", str(args.n),
+               "--max-tokens", str(args.max_tokens), "--max-num-seqs", str(args.max_num_seqs),
+               "--lvspec-options", args.lvspec_options, "--dtype", args.dtype, "--out", str(path)]
+        with open(args.out / f"run-{mode}.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            sys.exit(f"[lvspec-bench] mode {mode} failed ({proc.returncode}); see "
+                     f"{args.out / f'run-{mode}.log'}")
+        runs[mode] = json.loads(path.read_text())
+        print(f"[lvspec-bench]   done in {time.time() - t0:.0f}s: "
+              f"{runs[mode]['output_tokens'] / runs[mode]['elapsed_s']:.1f} tokens/s", flush=True)
+    rows = summarise(runs)
+    header = (f"target `{args.target}`, draft `{args.draft}`, k={args.k}, {args.n} held-out "
+              f"videos, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, greedy")
+    md = markdown(rows, header)
+    (args.out / "results.json").write_text(json.dumps(
+        {"config": vars(args) | {"out": str(args.out)}, "modes": rows}, indent=1))
+    (args.out / "results.md").write_text(md)
+    made = plots(rows, args.out)
+    print(md)
+    print(f"[lvspec-bench] wrote {args.out / 'results.json'}, results.md, "
+          f"{', '.join(p.name for p in made)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""One benchmark mode in one process: a vllm.LLM over the world's held-out videos.
+
+``lvspec-bench`` starts this once per mode so every engine starts clean and its memory goes
+with it. Writes JSON: outputs, the timed run's wall time and token count, vLLM's spec-decode
+counters and the LVSpec workers' counts (differences over the timed run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+# mode -> LVSpec options (None: no speculation)
+MODES = {
+    "none": None,
+    "strict": {},
+    "lvspec": {"loose": True},
+    "no-id": {"loose": True, "anchor_identification": False},
+    "no-shift": {"loose": True, "shift": False},
+    "no-semantic": {"loose": True, "semantic": False},
+}
+WARMUP_REQUESTS = 2
+
+
+def anchor_token_ids(tokenizer) -> list[int]:
+    """Token ids that spell an anchor word on their own (with or without a leading space)."""
+    from lvspec_vllm.world import language
+
+    ids = set()
+    for word in language.ANCHOR_KINDS:
+        for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+            pieces = tokenizer.encode(variant, add_special_tokens=False)
+            if len(pieces) == 1:
+                ids.add(pieces[0])
+    return sorted(ids)
+
+
+def _metric_values(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            if hasattr(m, "value"):
+                out[m.name] = m.value
+            elif hasattr(m, "values"):  # per-position acceptance
+                out[m.name] = list(m.values)
+    return out
+
+
+def _diff(after, before):
+    if isinstance(after, list):
+        return [a - b for a, b in zip(after, before or [0] * len(after))]
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        return after - (before or 0)
+    return after
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--mode", choices=sorted(MODES), required=True)
+    ap.add_argument("--lvspec-options", default="{}", help="JSON, applied to every LVSpec mode")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--n", type=int, default=32, help="held-out videos")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # worker_report by value
+    from transformers import AutoTokenizer
+
+    from lvspec_vllm.sampler import ANCHOR_LABELS_ENV
+    from lvspec_vllm.world import data, scenes
+
+    tok = AutoTokenizer.from_pretrained(args.target)
+    labels = args.out + ".labels.json"
+    with open(labels, "w") as f:
+        json.dump(anchor_token_ids(tok), f)
+    os.environ[ANCHOR_LABELS_ENV] = labels
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=args.target, dtype=args.dtype, max_model_len=1024, seed=0,
+                  max_num_seqs=args.max_num_seqs, enforce_eager=True, disable_log_stats=False,
+                  limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False)
+    options = MODES[args.mode]
+    if options is not None:
+        # The mode's keys win: an ablation switches off one part of the user's LVSpec options.
+        kwargs["speculative_config"] = {"method": "lvspec", "model": args.draft,
+                                        "num_speculative_tokens": args.k,
+                                        **json.loads(args.lvspec_options), **options}
+        if args.mode == "strict":
+            kwargs["speculative_config"]["loose"] = False
+    llm = LLM(**kwargs)
+    held = data.held_out(args.n)
+    prompt = data.chat_prompt("Describe this video.")
+    requests = [{"prompt": prompt,
+                 "multi_modal_data": {"video": (scenes.render(s), scenes.video_metadata())}}
+                for s in held]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    llm.generate(requests[:WARMUP_REQUESTS], params, use_tqdm=False)
+
+    from lvspec_vllm.sampler import worker_report
+
+    spec = options is not None
+    m0 = _metric_values(llm)
+    w0 = llm.collective_rpc(worker_report)[0] if spec else {}
+    t0 = time.perf_counter()
+    outs = llm.generate(requests, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    m1 = _metric_values(llm)
+    w1 = llm.collective_rpc(worker_report)[0] if spec else {}
+    result = {
+        "mode": args.mode, "k": args.k if spec else 0, "n": args.n,
+        "speculative_config": kwargs.get("speculative_config"),
+        "texts": [o.outputs[0].text for o in outs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        "elapsed_s": elapsed,
+        "metrics": {k: _diff(v, m0.get(k)) for k, v in m1.items()},
+        "worker": {k: _diff(v, w0.get(k)) for k, v in w1.items()},
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""lvspec-bench end to end on the tiny pair: every mode runs, the report adds up."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_bench_reports_modes_side_by_side(tiny_models, tmp_path):
+    out = tmp_path / "bench"
+    options = {"plausibility_ratio": 0.05, "plausibility_top_k": 50}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.cli", "--target", str(tiny_models / "qwen25vl"),
+         "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,strict,no-id",
+         "--n", "4", "--max-tokens", "10", "--lvspec-options", json.dumps(options),
+         "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    rows = json.loads((out / "results.json").read_text())["modes"]
+    assert list(rows) == ["none", "strict", "no-id"]
+    # Strict speculative decoding is lossless: the target's greedy output, token for token.
+    assert rows["strict"]["identical_outputs"] == 1.0
+    assert rows["strict"]["token_agreement"] == 1.0
+    assert rows["none"]["speedup"] == 1.0 and rows["none"]["mean_accepted_length"] is None
+    for mode in ("strict", "no-id"):
+        r = rows[mode]
+        assert r["mean_accepted_length"] == 1 + r["accepted_per_step"] >= 1
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0
+        run = json.loads((out / f"run-{mode}.json").read_text())
+        drafted = run["metrics"]["vllm:spec_decode_num_draft_tokens"]
+        assert run["worker"]["draft_tokens"] == drafted > 0
+        accepted = run["metrics"]["vllm:spec_decode_num_accepted_tokens"]
+        assert sum(r["accepts"].values()) == accepted
+    assert rows["strict"]["accepts"]["plausible"] == rows["strict"]["accepts"]["semantic"] == 0
+    # No identification: nothing is flagged as an anchor, so precision is undefined.
+    assert rows["no-id"]["identification_precision"] is None
+    md = (out / "results.md").read_text()
+    assert all(f"| {m} |" in md for m in rows)
+    for png in ("accepted_length.png", "fidelity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
