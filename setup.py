@@ -13,10 +13,12 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ sits at the top of the repository but imports as lvspec_vllm.kernels, so it never
-    # clashes with another distribution's top-level `kernels` package.
-    packages=find_packages(include=["lvspec_vllm", "lvspec_vllm.*"]) + ["lvspec_vllm.kernels"],
-    package_dir={"lvspec_vllm.kernels": "kernels"},
+    # kernels/ and configs/ sit at the top of the repository but install as lvspec_vllm.kernels
+    # and lvspec_vllm.configs, so they never clash with another distribution's top-level names.
+    packages=find_packages(include=["lvspec_vllm", "lvspec_vllm.*"])
+    + ["lvspec_vllm.kernels", "lvspec_vllm.configs"],
+    package_dir={"lvspec_vllm.kernels": "kernels", "lvspec_vllm.configs": "configs"},
+    package_data={"lvspec_vllm.configs": ["*.json"]},
     install_requires=[f"vllm{SUPPORTED_VLLM}"],
     extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"], "bench": ["matplotlib>=3.8"]},
     entry_points={

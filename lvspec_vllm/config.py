@@ -189,7 +189,13 @@ def options_markdown() -> str:
 
 
 # -- presets ------------------------------------------------------------------------------------
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _preset_dir() -> Path:
+    from lvspec_vllm import configs  # configs/ in the repository, packaged with the plugin
+
+    return Path(configs.__file__).resolve().parent
+
+
+PRESET_DIR = _preset_dir()
 
 
 def preset_names() -> list[str]:
@@ -233,6 +239,8 @@ def preset_main(argv: list[str] | None = None) -> None:
             preset[key] = json.loads(raw)
         except json.JSONDecodeError:
             preset[key] = raw
-    # Validate the LVSpec part now, so a typo fails here rather than at server start.
-    LVSpecConfig.from_dict({k: v for k, v in preset.items() if k in LVSpecConfig.keys()})
+    # Validate every key now (LVSpec's and vLLM's), so a typo fails here, not at server start.
+    from lvspec_vllm.patches.engine_args import translate
+
+    translate(preset)
     print(json.dumps(preset))

@@ -11,7 +11,8 @@ API process reads it at every scrape:
 
 The verify path never waits for the host. ``<dir>`` is created by the API process when it
 accepts an "lvspec" config and reaches the workers in ``LVSPEC_METRICS_DIR`` (they inherit the
-environment; on other Ray nodes there is no such file and the counters stay on the first node).
+environment; under Ray the variable is added to ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY``; the first TP
+rank publishes, so the counters need that rank on the API server's node, as vLLM places it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 ENV = "LVSPEC_METRICS_DIR"
+_RAY_COPY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
 _PUBLISH_INTERVAL_S = 0.5
 
 # counter slot -> (metric, label value); slots are lvspec_vllm.sampler.COUNTERS
@@ -121,6 +123,10 @@ def install_collector() -> str:
         directory = tempfile.mkdtemp(prefix="lvspec-metrics-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         os.environ[ENV] = directory
+        # Ray copies only some variables to its workers; this one is asked for by name.
+        extra = [v for v in os.environ.get(_RAY_COPY, "").split(",") if v.strip()]
+        if ENV not in extra:
+            os.environ[_RAY_COPY] = ",".join([*extra, ENV])
         from prometheus_client import REGISTRY
 
         _collector = LVSpecCollector(directory)

