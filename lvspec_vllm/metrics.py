@@ -43,6 +43,13 @@ METRICS = {
 }
 
 
+# gauges: the plugin's per-request state, which must return to empty as requests leave
+GAUGES = {
+    "lvspec:live_request_states": "Requests with LVSpec verification state (codebook, history).",
+    "lvspec:captured_key_bytes": "Bytes of target keys held for the visual relevance.",
+}
+
+
 def _slot(metric: str, label: str | None) -> str:
     if metric == "lvspec:verify_steps":
         return "verify_steps"
@@ -63,13 +70,17 @@ class MetricsPublisher:
         self._thread = threading.Thread(target=self._run, name="lvspec-metrics", daemon=True)
         self._thread.start()
 
-    def publish(self, counts: torch.Tensor) -> None:
+    def publish(self, counts: torch.Tensor, gauges: dict[str, int] | None = None) -> None:
         self._host.copy_(counts, non_blocking=True)
+        if gauges:
+            self._gauges = dict(gauges)
+
+    _gauges: dict[str, int] = {}
 
     def _run(self) -> None:
         last = None
         while not self._stop.wait(_PUBLISH_INTERVAL_S):
-            snapshot = dict(zip(self.names, self._host.tolist()))
+            snapshot = {**dict(zip(self.names, self._host.tolist())), **self._gauges}
             if snapshot != last:
                 tmp = self.path.with_suffix(".tmp")
                 try:
@@ -100,9 +111,11 @@ class LVSpecCollector:
         return totals
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         totals = self._totals()
+        for metric, doc in GAUGES.items():
+            yield GaugeMetricFamily(metric, doc, value=totals.get(metric.split(":")[1], 0))
         for metric, (doc, label, values) in METRICS.items():
             family = CounterMetricFamily(metric, doc, labels=[label] if label else None)
             if label is None:

@@ -270,7 +270,11 @@ class LVSpecRejectionSampler(RejectionSampler):
             delta[_C["rejected_standard"]] = (rejected & ~ours).sum()
         self.counts += delta
         if self._publisher is not None:
-            self._publisher.publish(self.counts)
+            self._publisher.publish(self.counts, self.gauges())
+
+    def gauges(self) -> dict[str, int]:
+        keys = self.relevance.key_bytes() if self.relevance is not None else 0
+        return {"live_request_states": len(self.states), "captured_key_bytes": keys}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}
@@ -301,7 +305,7 @@ def worker_report(worker) -> dict:
               "drafter": type(getattr(runner, "drafter", None)).__name__,
               "rejection_sampler": type(sampler).__name__}
     if isinstance(sampler, LVSpecRejectionSampler):
-        report.update(sampler.snapshot(), live_request_states=len(sampler.states))
+        report.update(sampler.snapshot(), **sampler.gauges())
     counts = getattr(getattr(runner, "drafter", None), "counts", None)
     if counts is not None:
         report.update({f"drafter_{k}": v for k, v in counts.items()})

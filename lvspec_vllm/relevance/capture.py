@@ -109,6 +109,10 @@ class RelevanceCapture:
                 for i, m in enumerate(mass.mean(dim=-1).tolist()):
                     self.record.setdefault((req_id, first_pos + first_row + i), {})[layer] = m
 
+    def key_bytes(self) -> int:
+        """Memory held for captured keys (all requests and layers of this rank)."""
+        return sum(t.numel() * t.element_size() for t in self._keys.values())
+
     def _store(self, req_id: str, layer: int, length: int, like: torch.Tensor) -> torch.Tensor:
         store = self._keys.get((req_id, layer))
         if store is None or store.shape[0] < length:
