@@ -78,6 +78,11 @@ class LVSpecConfig:
                                       lo=0.0, hi=20.0, nullable=True)
     max_loose_per_step: int | None = _opt(None, "If set, at most this many loose accepts per "
                                                 "request and step.", lo=0, hi=64, nullable=True)
+    # -- how many tokens to draft ---------------------------------------------------------------
+    auto_k: bool = _opt(False, "Choose k per step (0 to num_speculative_tokens) from the batch "
+                               "size, the measured acceptance per position and the measured step "
+                               "costs (a goodput model). Excludes "
+                               "num_speculative_tokens_per_batch_size.")
 
     # ------------------------------------------------------------------------------------------
     @classmethod

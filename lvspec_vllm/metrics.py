@@ -102,7 +102,7 @@ class LVSpecCollector:
 
     def _totals(self) -> dict[str, int]:
         totals: dict[str, int] = {}
-        for f in self.directory.glob("engine-*.json"):
+        for f in self.directory.glob("*.json"):
             try:
                 for k, v in json.loads(f.read_text()).items():
                     totals[k] = totals.get(k, 0) + v
@@ -116,6 +116,17 @@ class LVSpecCollector:
         totals = self._totals()
         for metric, doc in GAUGES.items():
             yield GaugeMetricFamily(metric, doc, value=totals.get(metric.split(":")[1], 0))
+        # auto_k: steps per chosen k, written by the engine core's scheduler
+        steps = {key.removeprefix("auto_k_steps_"): v for key, v in totals.items()
+                 if key.startswith("auto_k_steps_")}
+        if steps:
+            family = CounterMetricFamily("lvspec:auto_k_steps", "Engine steps by the k that "
+                                         "auto_k chose.", labels=["k"])
+            for k in sorted(steps, key=int):
+                family.add_metric([k], steps[k])
+            yield family
+            yield GaugeMetricFamily("lvspec:auto_k", "k of the latest step under auto_k.",
+                                    value=totals.get("auto_k_last", 0))
         for metric, (doc, label, values) in METRICS.items():
             family = CounterMetricFamily(metric, doc, labels=[label] if label else None)
             if label is None:

@@ -54,6 +54,17 @@ def test_unknown_key_is_named_and_allowed_keys_listed():
     assert "num_speculative_tokens" in msg  # vLLM's keys are listed too
 
 
+def test_auto_k_sets_vllms_k_table_and_refuses_a_fixed_schedule():
+    spec, cfg = translate({**BASE, "auto_k": True})
+    assert cfg.auto_k
+    (entry,) = spec["num_speculative_tokens_per_batch_size"]
+    assert entry[0] == 1 and entry[2] == BASE["num_speculative_tokens"]
+    with pytest.raises(LVSpecConfigError, match="remove \"num_speculative_tokens_per_batch_size"):
+        translate({**BASE, "auto_k": True, "num_speculative_tokens_per_batch_size": [[1, 8, 2]]})
+    spec, _ = translate({**BASE, "num_speculative_tokens_per_batch_size": [[1, 8, 2]]})
+    assert spec["num_speculative_tokens_per_batch_size"] == [[1, 8, 2]]  # passed to vLLM as is
+
+
 def test_loose_modes_describe_their_rules():
     _, cfg = translate({**BASE, "loose": True, "shift": False})
     assert cfg.needs_relevance() and cfg.describe() == "loose (plausibility, semantic)"

@@ -52,3 +52,18 @@ def test_crossing_the_threshold_keeps_strict_outputs(base, tmp_path):
     assert w["accepted_tokens"] == run["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
     # Each drafting step proposes k = 4 per request.
     assert w["drafter_proposed_tokens"] % 4 == 0
+
+
+def test_auto_k_calibrates_across_k_and_keeps_strict_outputs(base, tmp_path):
+    run = run_generate(tmp_path, "auto", "--family", "qwen25vl", "--draft", "qwen25vl_aligned",
+                       "--k", "4", "--lvspec-options", json.dumps({"auto_k": True}), *WAVES)
+    assert run["outputs"] == base["outputs"]
+    (core,) = [v for k, v in run.get("published", {}).items() if k.startswith("core-")]
+    steps = {int(k.removeprefix("auto_k_steps_")): n for k, n in core.items()
+             if k.startswith("auto_k_steps_")}
+    print(steps)
+    # Calibration visits k = 0, 1, 2 and 4, switching between steps without stalling.
+    assert {0, 1, 2, 4} <= set(steps)
+    (w,) = run["workers"]
+    assert w["drafter_drafting_passes"] > 0 and w["drafter_kv_sync_passes"] > 0
+    assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0

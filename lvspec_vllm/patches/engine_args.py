@@ -21,6 +21,7 @@ from lvspec_vllm.config import MAX_SPECULATIVE_TOKENS, LVSpecConfig, LVSpecConfi
 from lvspec_vllm.patches import Patch
 
 METHOD = "lvspec"
+_ANY_BATCH = 1 << 20
 
 
 def _vllm_spec_keys() -> set[str]:
@@ -61,7 +62,15 @@ def translate(spec: dict[str, Any], spec_method: str | None = None,
             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}.")
     if "method" in spec:
         spec["method"] = "draft_model"
-    return spec, LVSpecConfig.from_dict(lv_options)
+    config = LVSpecConfig.from_dict(lv_options)
+    if config.auto_k:
+        if spec.get("num_speculative_tokens_per_batch_size"):
+            raise LVSpecConfigError(
+                "'auto_k': true chooses k per step itself; remove "
+                "\"num_speculative_tokens_per_batch_size\" or set 'auto_k': false.")
+        # vLLM's per-batch-size k table, which the auto-k controller rewrites every step
+        spec["num_speculative_tokens_per_batch_size"] = [[1, _ANY_BATCH, k]]
+    return spec, config
 
 
 def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConfig) -> None:

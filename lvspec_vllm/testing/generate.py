@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> None:
         if (m.name.startswith("vllm:spec_decode") or m.name == "vllm:num_preemptions") \
                 and hasattr(m, "value"):
             result["metrics"][m.name] = m.value
+    # what LVSpec's processes published for /metrics (the engine core's auto_k counts among them)
+    from lvspec_vllm.metrics import ENV as METRICS_ENV
+
+    if os.environ.get(METRICS_ENV):
+        import glob
+        import time
+
+        time.sleep(1.0)  # one publish interval
+        for path in glob.glob(os.path.join(os.environ[METRICS_ENV], "*.json")):
+            with open(path) as f:
+                result.setdefault("published", {})[os.path.basename(path)] = json.load(f)
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(json.dumps({k: result[k] for k in ("workers", "metrics")}), file=sys.stderr)

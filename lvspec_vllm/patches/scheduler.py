@@ -1,0 +1,127 @@
+"""Patch: ``vllm.v1.core.sched.scheduler.Scheduler.update_from_output`` (vLLM 0.32, 0.33).
+
+Why: with ``"auto_k": true`` LVSpec picks k per step (``lvspec_vllm.auto_k``). vLLM already
+has the mechanism for a per-step k: with ``num_speculative_tokens_per_batch_size`` set, the
+scheduler reads k from ``Scheduler.dynamic_sd_lookup[batch size]`` at every ``schedule()``, and
+the runner, the drafter and async scheduling all follow it. What vLLM lacks is a policy that
+learns; this post-hook is where every step's outcome arrives (scheduled drafts, sampled tokens),
+so it measures the step, feeds the controller, and rewrites the lookup table for the next
+step. Nothing else in the scheduler changes; without ``auto_k`` the hook returns at once.
+
+The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}``) and the
+model's inputs are logged every 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from lvspec_vllm import metrics
+from lvspec_vllm._logging import get_logger
+from lvspec_vllm.auto_k import AutoK
+from lvspec_vllm.patches import Patch
+
+logger = get_logger(__name__)
+_LOG_INTERVAL_S = 10.0
+_PUBLISH_INTERVAL_S = 0.5
+
+
+class AutoKController:
+    """Glue between the scheduler and ``AutoK``: measure each step, set the k table."""
+
+    def __init__(self, scheduler, k_max: int):
+        self.max_batch = scheduler.scheduler_config.max_num_seqs
+        self.auto = AutoK(k_max, self.max_batch)
+        self.last_end: float | None = None
+        self.steps_by_k: Counter = Counter()
+        self.last_k = k_max
+        self._last_log = self._last_publish = time.monotonic()
+        directory = os.environ.get(metrics.ENV)
+        self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
+        self._apply(scheduler, self.auto.next_table())
+        logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d",
+                    k_max, self.max_batch)
+
+    def after_step(self, scheduler, scheduler_output, model_runner_output) -> None:
+        now = time.perf_counter()
+        batch = len(scheduler_output.num_scheduled_tokens)
+        if batch == 0:
+            self.last_end = None
+            return
+        k = scheduler_output.num_spec_tokens_to_schedule
+        # The wall time since the previous step's outcome is this step's cost, as long as the
+        # engine had work in between (otherwise it includes idle time: not a sample).
+        seconds = now - self.last_end if self.last_end is not None else None
+        drafted, accepted = [], []
+        index = model_runner_output.req_id_to_index
+        for req_id, drafts in (scheduler_output.scheduled_spec_decode_tokens or {}).items():
+            i = index.get(req_id)
+            if i is None or not drafts or i >= len(model_runner_output.sampled_token_ids):
+                continue
+            drafted.append(len(drafts))
+            accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
+        self.auto.observe(batch, k, scheduler_output.total_num_scheduled_tokens, seconds,
+                          drafted, accepted)
+        self.steps_by_k[k] += 1
+        self.last_k = k
+        self._apply(scheduler, self.auto.next_table())
+        self.last_end = time.perf_counter() if scheduler.get_num_unfinished_requests() else None
+        self._report(batch)
+
+    @staticmethod
+    def _apply(scheduler, table: list[int]) -> None:
+        lookup = scheduler.dynamic_sd_lookup
+        n = min(len(lookup), len(table))
+        lookup[1:n] = table[1:n]
+
+    def _report(self, batch: int) -> None:
+        now = time.monotonic()
+        if self._path is not None and now - self._last_publish >= _PUBLISH_INTERVAL_S:
+            self._last_publish = now
+            snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
+            snap["auto_k_last"] = self.last_k
+            tmp = self._path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(snap))
+                tmp.replace(self._path)
+            except OSError:
+                self._path = None
+        if now - self._last_log >= _LOG_INTERVAL_S:
+            self._last_log = now
+            c = self.auto.fitted
+            costs = "uncalibrated" if c is None else \
+                f"a={c.a:.2e} b={c.b:.2e} c={c.c:.2e} d={c.d:.2e} s"
+            logger.info(
+                "LVSpec auto k: batch %d -> k %d; alpha %s; step cost %s; k by batch size %s; "
+                "steps by k %s", batch, self.last_k,
+                [round(float(a), 2) for a in self.auto.profile.alpha()], costs,
+                self.auto.table[1:65], dict(self.steps_by_k))
+
+
+def _controller(scheduler) -> AutoKController | None:
+    ctl = scheduler.__dict__.get("_lvspec_auto_k", False)
+    if ctl is False:
+        ctl = None
+        options = (scheduler.vllm_config.additional_config or {}).get("lvspec") or {}
+        if options.get("auto_k") and scheduler.dynamic_sd_lookup is not None:
+            ctl = AutoKController(scheduler, scheduler.num_spec_tokens)
+        scheduler.__dict__["_lvspec_auto_k"] = ctl
+    return ctl
+
+
+class SchedulerUpdatePatch(Patch):
+    target_module = "vllm.v1.core.sched.scheduler"
+    target_owner = "Scheduler"
+    target_attr = "update_from_output"
+
+    @staticmethod
+    def wrapper(original, self, scheduler_output, model_runner_output):
+        out = original(self, scheduler_output, model_runner_output)
+        ctl = _controller(self)
+        if ctl is not None:
+            ctl.after_step(self, scheduler_output, model_runner_output)
+        return out
