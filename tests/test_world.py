@@ -127,8 +127,8 @@ def test_labels_cover_exactly_the_answer(tokenizer):
     items = [data.example(rng) for _ in range(6)]
     enc = data.batch(proc, items, noise=3.0, seed=1)
     grid = enc["video_grid_thw"]
-    # 8 frames of 84x84: 4 temporal slots of 6x6 patches, one second apart.
-    assert grid.tolist() == [[4, 6, 6]] * 6
+    # 8 frames of 56x56: 4 temporal slots of 4x4 patches, one second apart.
+    assert grid.tolist() == [[4, 4, 4]] * 6
     assert enc["second_per_grid_ts"].tolist() == [1.0] * 6
     for row, (_, _, answer) in enumerate(items):
         ids = enc["input_ids"][row][enc["labels"][row] != -100]

@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# 84x84 frames stay 84x84: 3x3 merged tokens per temporal slot.
+# Frames keep their size (56x56: 2x2 merged tokens per temporal slot).
 PIXELS = dict(min_pixels=scenes.SIZE * scenes.SIZE, max_pixels=scenes.SIZE * scenes.SIZE,
               patch_size=14, merge_size=2, temporal_patch_size=2)
 
