@@ -2,10 +2,11 @@
 
 40 requests at once through the `openai` client: videos (three different clips), images and
 text; greedy and seeded sampling; streaming and not; four streams dropped by the client after a
-few chunks. The same load runs against a server without speculation, and then against the
-LVSpec server (strict verification, max 8 running sequences so the rest queue and batches change
-size all the time). Every request that was not dropped completes with its full length; every
-greedy output equals the no-speculation server's; the server is healthy afterwards.
+few chunks. The same load runs against a server without speculation, and then against LVSpec
+servers (strict verification, max 8 running sequences so the rest queue and batches change size
+all the time): on one worker, on two tensor-parallel workers, and with a KV cache so small that
+vLLM preempts. Every request that was not dropped completes with its full length; every greedy
+output equals the no-speculation server's; the server is healthy afterwards.
 """
 
 import asyncio
@@ -95,23 +96,50 @@ async def _load(base_url, requests):
         await client.close()
 
 
-def _serve_and_load(model, spec, requests, log):
-    with vllm_server(model, spec, log_path=log, extra_args=["--max-num-seqs", "8"]) as srv:
+def _serve_and_load(model, spec, requests, log, extra=(), env=None):
+    # float32: TP=2 then matches TP=1 exactly (in bf16 vLLM's TP=2 rounds differently)
+    args = ["--max-num-seqs", "8", "--dtype", "float32", *extra]
+    with vllm_server(model, spec, log_path=log, extra_args=args, env=env) as srv:
         results = asyncio.run(_load(srv.base_url, requests))
         healthy = urllib.request.urlopen(f"{srv.base_url}/health", timeout=5).status == 200
         metrics = srv.metrics()
     return results, healthy, metrics
 
 
-def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(tiny_models, tmp_path):
-    requests = _workload(tmp_path)
-    target = str(tiny_models / "qwen25vl")
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    return _workload(tmp_path_factory.mktemp("load"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_models, workload, tmp_path_factory):
+    """The same load against a server without speculative decoding."""
+    log = tmp_path_factory.mktemp("base") / "base.log"
+    results, healthy, _ = _serve_and_load(str(tiny_models / "qwen25vl"), None, workload, log)
+    assert healthy
+    return results
+
+
+VARIANTS = {
+    "tp1": ((), None),
+    # heads sharded over two workers
+    "tp2": (("--tensor-parallel-size", "2"), {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+    # 6 blocks of 32 tokens for 8 running requests: vLLM preempts and recomputes
+    "preempt": (("--num-gpu-blocks-override", "6", "--block-size", "32",
+                 "--max-model-len", "160"), None),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(
+        tiny_models, workload, baseline, tmp_path, variant):
+    extra, env = VARIANTS[variant]
     spec = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_aligned"),
             "num_speculative_tokens": 4}
-    base, base_ok, _ = _serve_and_load(target, None, requests, tmp_path / "base.log")
-    lv, lv_ok, m = _serve_and_load(target, spec, requests, tmp_path / "lvspec.log")
-    assert base_ok and lv_ok
-    for r, b, x in zip(requests, base, lv):
+    lv, healthy, m = _serve_and_load(str(tiny_models / "qwen25vl"), spec, workload,
+                                     tmp_path / f"{variant}.log", extra, env)
+    assert healthy
+    for r, b, x in zip(workload, baseline, lv):
         if r["abort"]:
             assert b is None and x is None
             continue
@@ -121,4 +149,8 @@ def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(tiny_model
             assert x[0] == b[0], f"request {r['id']} ({r['kind']}, stream={r['stream']})"
     assert m["vllm:spec_decode_num_drafts_total"] > 0
     assert m["vllm:spec_decode_num_accepted_tokens_total"] > 0
-    print(json.dumps({k: v for k, v in m.items() if k.startswith(("lvspec:", "vllm:spec"))}))
+    if variant == "preempt":
+        assert m["vllm:num_preemptions_total"] > 0
+    print(variant, json.dumps({k: v for k, v in m.items()
+                               if k.startswith(("lvspec:", "vllm:spec_decode_num", "vllm:num_pre"))
+                               and not k.endswith("_created")}))
