@@ -13,7 +13,7 @@ def test_bench_reports_modes_side_by_side(tiny_models, tmp_path):
     out = tmp_path / "bench"
     options = {"plausibility_ratio": 0.05, "plausibility_top_k": 50}
     proc = subprocess.run(
-        [sys.executable, "-m", "lvspec_vllm.bench.cli", "--target", str(tiny_models / "qwen25vl"),
+        [sys.executable, "-m", "lvspec_vllm.bench.cli", "offline", "--target", str(tiny_models / "qwen25vl"),
          "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,strict,no-id",
          "--n", "4", "--max-tokens", "10", "--lvspec-options", json.dumps(options),
          "--out", str(out)], capture_output=True, text=True, timeout=900)
@@ -40,4 +40,28 @@ def test_bench_reports_modes_side_by_side(tiny_models, tmp_path):
     md = (out / "results.md").read_text()
     assert all(f"| {m} |" in md for m in rows)
     for png in ("accepted_length.png", "fidelity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
+    out = tmp_path / "serve"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.cli", "serve",
+         "--target", str(tiny_models / "qwen25vl"),
+         "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,lvspec-auto",
+         "--concurrency", "1,4", "--requests-per-level", "2", "--max-tokens", "8", "--ramp",
+         "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    runs = {r["mode"]: r for r in json.loads((out / "serve.json").read_text())["runs"]}
+    for mode, run in runs.items():
+        # --ramp: 1, 4, then back to 1
+        assert [lv["concurrency"] for lv in run["levels"]] == [1, 4, 1]
+        for lv in run["levels"]:
+            assert lv["output_tokens"] == 8 * lv["requests"] and lv["tokens_per_s"] > 0
+    assert all(lv["mean_k"] is None for lv in runs["none"]["levels"])
+    # auto_k's choices are read back per level from /metrics
+    auto = runs["lvspec-auto"]["levels"]
+    assert sum(sum(lv["auto_k_steps"].values()) for lv in auto) > 0
+    for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,13 @@
 """lvspec-bench: speculative decoding modes side by side on the world's held-out videos.
 
-    lvspec-bench --target DIR --draft DIR [--modes none,strict,lvspec,no-id,no-shift,no-semantic]
-                 [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON] --out DIR
+    lvspec-bench offline --target DIR --draft DIR [--modes none,strict,lvspec,no-id,no-shift,
+                 no-semantic] [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON] --out DIR
+    lvspec-bench serve ...   (throughput against `vllm serve` per concurrency: see
+                              lvspec_vllm/bench/serve_sweep.py or `lvspec-bench serve -h`)
 
-Each mode runs in its own vllm.LLM process (``lvspec_vllm.bench.world_run``), one after the
-other on the same machine, with the same requests (greedy, one held-out video each). Reported:
+Offline, each mode runs in its own vllm.LLM process (``lvspec_vllm.bench.world_run``), one after
+the other on the same machine, with the same requests (greedy, one held-out video each).
+Reported:
 
 - mean accepted length, vLLM's convention: 1 + accepted / drafts (tokens per drafting step);
   and accepted per step, SpecVLM's: accepted draft tokens / drafts;
@@ -144,26 +147,47 @@ def plots(rows: dict[str, dict], out: Path) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="lvspec-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--draft", required=True)
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--lvspec-options", default="{}")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep run-<mode>.json files already in --out (report again)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    off = sub.add_parser("offline", help="modes side by side through vllm.LLM")
+    off.add_argument("--target", required=True)
+    off.add_argument("--draft", required=True)
+    off.add_argument("--modes", default=",".join(MODES))
+    off.add_argument("--k", type=int, default=4)
+    off.add_argument("--n", type=int, default=64)
+    off.add_argument("--max-tokens", type=int, default=48)
+    off.add_argument("--max-num-seqs", type=int, default=8)
+    off.add_argument("--lvspec-options", default="{}")
+    off.add_argument("--dtype", default="float32")
+    off.add_argument("--out", type=Path, required=True)
+    off.add_argument("--reuse", action="store_true",
+                     help="keep run-<mode>.json files already in --out (report again)")
+    srv = sub.add_parser("serve", help="throughput per concurrency against vllm serve")
+    srv.add_argument("--target", required=True)
+    srv.add_argument("--draft", required=True)
+    srv.add_argument("--modes", default="none,strict,lvspec,lvspec-auto")
+    srv.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")],
+                     default=[1, 4, 16, 64])
+    srv.add_argument("--requests-per-level", type=int, default=2)
+    srv.add_argument("--k", type=int, default=4)
+    srv.add_argument("--schedule", default=None, help="vLLM's per-batch-size k, JSON")
+    srv.add_argument("--lvspec-options", default="{}")
+    srv.add_argument("--max-tokens", type=int, default=32)
+    srv.add_argument("--dtype", default="float32")
+    srv.add_argument("--ramp", action="store_true", help="levels up, then back down")
+    srv.add_argument("--out", type=Path, required=True)
+    srv.add_argument("--reuse", action="store_true")
     args = ap.parse_args(argv)
+    if args.command == "serve":
+        from lvspec_vllm.bench import serve_sweep
+
+        return serve_sweep.main(args)
 
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
-        ap.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
+        off.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {}
     for i, mode in enumerate(modes, 1):

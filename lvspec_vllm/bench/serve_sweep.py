@@ -1,0 +1,216 @@
+"""Throughput under concurrent load against `vllm serve` on 127.0.0.1, per speculative mode.
+
+    lvspec-bench serve --target DIR --draft DIR [--modes none,strict,lvspec,lvspec-auto]
+                       [--concurrency 1,4,16,64] [--requests-per-level 2] [--k 4]
+                       [--schedule JSON] --out DIR
+
+For each mode one server is started; for each concurrency level, ``requests-per-level x
+concurrency`` chat requests (one held-out world video each, greedy, a fixed number of output
+tokens) are sent by that many concurrent clients, and output tokens/s is the completion tokens
+over the level's wall time. ``/metrics`` is read before and after each level: drafts, accepted
+tokens, and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up and back
+down (1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show.
+
+Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fixed k),
+lvspec-schedule (loose, vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose,
+auto_k).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+
+SERVE_MODES = {
+    "none": None,
+    "strict": {},
+    "lvspec": {"loose": True},
+    "lvspec-schedule": {"loose": True},
+    "lvspec-auto": {"loose": True, "auto_k": True},
+}
+
+
+def _video_urls(n: int, work: Path) -> list[str]:
+    from lvspec_vllm.testing.media import write_mp4
+    from lvspec_vllm.world import data, scenes
+
+    urls = []
+    for i, scene in enumerate(data.held_out(n)):
+        mp4 = write_mp4(str(work / f"v{i}.mp4"), scenes.render(scene), fps=scenes.FPS)
+        urls.append("data:video/mp4;base64," + base64.b64encode(Path(mp4).read_bytes()).decode())
+    return urls
+
+
+async def _level(base_url: str, served: str, urls: list[str], concurrency: int, n: int,
+                 max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=1800)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i):
+        async with sem:
+            r = await client.chat.completions.create(
+                model=served, max_tokens=max_tokens, temperature=0.0,
+                extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": [
+                    {"type": "video_url", "video_url": {"url": urls[i % len(urls)]}},
+                    {"type": "text", "text": "Describe this video."}]}])
+            return r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    try:
+        tokens = await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        await client.close()
+    elapsed = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": n, "output_tokens": sum(tokens),
+            "elapsed_s": elapsed, "tokens_per_s": sum(tokens) / elapsed}
+
+
+def _delta(after: dict, before: dict, prefix: str) -> dict:
+    return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
+
+
+def run_mode(mode: str, args, urls: list[str], out: Path) -> dict:
+    from lvspec_vllm.testing.server import SERVED_NAME, vllm_server
+
+    options = SERVE_MODES[mode]
+    spec = None
+    extra = ["--max-num-seqs", str(max(args.concurrency)), "--dtype", args.dtype,
+             "--max-model-len", "1024", "--no-enable-prefix-caching"]
+    if options is not None:
+        spec = {"method": "lvspec", "model": args.draft, "num_speculative_tokens": args.k,
+                **json.loads(args.lvspec_options), **options}
+        if mode == "strict":
+            spec["loose"] = False
+        if mode == "lvspec-schedule":
+            spec["num_speculative_tokens_per_batch_size"] = json.loads(args.schedule)
+    levels = list(args.concurrency)
+    if args.ramp:
+        levels = levels + levels[-2::-1]
+    results = []
+    with vllm_server(args.target, spec, log_path=out / f"serve-{mode}.log",
+                     extra_args=extra) as srv:
+        # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
+        asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
+        for c in levels:
+            before, k_before = srv.metrics(), _k_steps(srv.base_url)
+            r = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, c,
+                                   args.requests_per_level * c, args.max_tokens))
+            after, k_after = srv.metrics(), _k_steps(srv.base_url)
+            d = _delta(after, before, "vllm:spec_decode_num")
+            drafts = d.get("vllm:spec_decode_num_drafts_total", 0.0)
+            accepted = d.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+            r["mean_accepted_length"] = 1 + accepted / drafts if drafts else None
+            steps = {k: n - k_before.get(k, 0.0) for k, n in k_after.items()}
+            steps = {k: n for k, n in steps.items() if n > 0}
+            r["auto_k_steps"] = steps
+            r["mean_k"] = (sum(k * n for k, n in steps.items()) / sum(steps.values())
+                           if steps else None)
+            results.append(r)
+            print(f"[lvspec-bench serve] {mode} concurrency {c}: {r['tokens_per_s']:.1f} "
+                  f"tokens/s", flush=True)
+    return {"mode": mode, "speculative_config": spec, "levels": results}
+
+
+def _k_steps(base_url: str) -> dict[int, float]:
+    """lvspec:auto_k_steps_total by its k label (empty without auto_k)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=10).read().decode()
+    return {int(k): float(v) for k, v in
+            re.findall(r'^lvspec:auto_k_steps_total\{k="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def markdown(runs: list[dict], header: str) -> str:
+    levels = [lv["concurrency"] for lv in runs[0]["levels"]]
+    base = next((r for r in runs if r["mode"] == "none"), None)
+    lines = [header, "", "output tokens/s (speedup over none; mean accepted length; mean k)", "",
+             "| mode | " + " | ".join(f"c={c}" for c in levels) + " |",
+             "|---" * (len(levels) + 1) + "|"]
+    for r in runs:
+        cells = []
+        for i, lv in enumerate(r["levels"]):
+            cell = f"{lv['tokens_per_s']:.1f}"
+            if base is not None:
+                cell += f" ({lv['tokens_per_s'] / base['levels'][i]['tokens_per_s']:.2f}x"
+                if lv["mean_accepted_length"]:
+                    cell += f"; {lv['mean_accepted_length']:.2f}"
+                if lv["mean_k"] is not None:
+                    cell += f"; k {lv['mean_k']:.1f}"
+                cell += ")"
+            cells.append(cell)
+        lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in runs:
+        xs = list(range(len(r["levels"])))
+        ax.plot(xs, [lv["tokens_per_s"] for lv in r["levels"]], "o-", label=r["mode"])
+    ax.set_xticks(xs, [str(lv["concurrency"]) for lv in runs[0]["levels"]])
+    ax.set_xlabel("concurrent requests (in run order)")
+    ax.set_ylabel("output tokens/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    made.append(out / "throughput.png")
+    plt.close(fig)
+    auto = [r for r in runs if any(lv["mean_k"] is not None for lv in r["levels"])]
+    if auto:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for r in auto:
+            xs = list(range(len(r["levels"])))
+            ax.plot(xs, [lv["mean_k"] or 0 for lv in r["levels"]], "s-", label=r["mode"])
+        ax.set_xticks(xs, [str(lv["concurrency"]) for lv in auto[0]["levels"]])
+        ax.set_xlabel("concurrent requests (in run order)")
+        ax.set_ylabel("mean k per step")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "k_chosen.png", dpi=120)
+        made.append(out / "k_chosen.png")
+        plt.close(fig)
+    return made
+
+
+def main(args) -> None:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in SERVE_MODES]
+    if unknown:
+        raise SystemExit(f"unknown serve mode {unknown[0]!r}; modes: {', '.join(SERVE_MODES)}")
+    if "lvspec-schedule" in modes and not args.schedule:
+        raise SystemExit("mode lvspec-schedule needs --schedule, e.g. '[[1, 4, 4], [5, 256, 0]]'")
+    urls = _video_urls(16, out)
+    runs = []
+    for mode in modes:
+        path = out / f"serve-{mode}.json"
+        if args.reuse and path.exists():
+            runs.append(json.loads(path.read_text()))
+            continue
+        runs.append(run_mode(mode, args, urls, out))
+        path.write_text(json.dumps(runs[-1]))
+    header = (f"`vllm serve` on 127.0.0.1: target `{args.target}`, draft `{args.draft}`, k={args.k}, "
+              f"{args.requests_per_level} x concurrency requests per level, {args.max_tokens} "
+              f"output tokens each (greedy), dtype {args.dtype}")
+    md = markdown(runs, header)
+    (out / "serve.md").write_text(md)
+    (out / "serve.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
+                                                "runs": runs}, indent=1))
+    made = plots(runs, out)
+    print(md)
+    print(f"[lvspec-bench serve] wrote {out / 'serve.json'}, serve.md, "
+          f"{', '.join(p.name for p in made)}")
