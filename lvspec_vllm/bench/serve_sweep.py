@@ -149,39 +149,32 @@ def markdown(runs: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(runs: list[dict], out: Path) -> list[Path]:
+def _plot(runs: list[dict], key: str, ylabel: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in runs:
-        xs = list(range(len(r["levels"])))
-        ax.plot(xs, [lv["tokens_per_s"] for lv in r["levels"]], "o-", label=r["mode"])
-    ax.set_xticks(xs, [str(lv["concurrency"]) for lv in runs[0]["levels"]])
+        ax.plot(range(len(r["levels"])), [lv[key] or 0 for lv in r["levels"]], "o-",
+                label=r["mode"])
+    ax.set_xticks(range(len(runs[0]["levels"])),
+                  [str(lv["concurrency"]) for lv in runs[0]["levels"]])
     ax.set_xlabel("concurrent requests (in run order)")
-    ax.set_ylabel("output tokens/s")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
-    made.append(out / "throughput.png")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def plots(runs: list[dict], out: Path) -> list[Path]:
+    made = [_plot(runs, "tokens_per_s", "output tokens/s", out / "throughput.png")]
     auto = [r for r in runs if any(lv["mean_k"] is not None for lv in r["levels"])]
     if auto:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for r in auto:
-            xs = list(range(len(r["levels"])))
-            ax.plot(xs, [lv["mean_k"] or 0 for lv in r["levels"]], "s-", label=r["mode"])
-        ax.set_xticks(xs, [str(lv["concurrency"]) for lv in auto[0]["levels"]])
-        ax.set_xlabel("concurrent requests (in run order)")
-        ax.set_ylabel("mean k per step")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "k_chosen.png", dpi=120)
-        made.append(out / "k_chosen.png")
-        plt.close(fig)
+        made.append(_plot(auto, "mean_k", "mean k per step", out / "k_chosen.png"))
     return made
 
 

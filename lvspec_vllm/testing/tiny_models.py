@@ -86,9 +86,6 @@ def default_dir() -> Path:
 
 
 def _build_tokenizer(path: Path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rnd = random.Random(SEED)
     words = ("the a video image frame shows moving red green blue cat dog person car tree sky water "
              "describe what happens in this clip picture left right up down fast slow one two three "
@@ -96,24 +93,35 @@ def _build_tokenizer(path: Path):
     lines = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 20))) + rnd.choice(".?!")
              for _ in range(5000)]
     lines += ["".join(chr(rnd.randint(32, 126)) for _ in range(40)) for _ in range(500)]
+    fast = qwen_bpe_tokenizer(lines, 1500, QWEN_CHAT_TEMPLATE, 32768)
+    fast.save_pretrained(path)
+    assert len(fast) <= VOCAB_SIZE, len(fast)
+    return fast, {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+
+def qwen_bpe_tokenizer(lines: list[str], bpe_vocab: int, chat_template: str,
+                       model_max_length: int):
+    """A byte-level BPE fitted on `lines`, plus the Qwen special tokens and a chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1500, min_frequency=2, special_tokens=[],
+    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, min_frequency=2, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(lines, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None,
-                                   model_max_length=32768, clean_up_tokenization_spaces=False)
-    fast.chat_template = QWEN_CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    assert len(fast) <= VOCAB_SIZE, len(fast)
-    return fast, {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+                                   model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = chat_template
+    return fast
 
 
-def _generation_config(path: Path, ids: dict) -> None:
+def generation_config(path: Path, ids: dict) -> None:
     gen = {"bos_token_id": ids["<|endoftext|>"],
            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
            "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
@@ -158,7 +166,7 @@ def _qwen25vl(path: Path, tok, ids, *, layers: int, hidden: int, heads: int, kv_
     Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**px), tokenizer=tok,
                         video_processor=Qwen2VLVideoProcessor(**px),
                         chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(path)
-    _generation_config(path, ids)
+    generation_config(path, ids)
 
 
 def _llava_ov(path: Path, tok_dir: Path, ids, *, layers: int, hidden: int, vision_layers: int,
@@ -203,7 +211,7 @@ def _llava_ov(path: Path, tok_dir: Path, ids, *, layers: int, hidden: int, visio
         tokenizer=ltok, num_image_tokens=(img // patch) ** 2, vision_feature_select_strategy="full",
         chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", video_token="<video>",
     ).save_pretrained(path)
-    _generation_config(path, ids)
+    generation_config(path, ids)
 
 
 def _qwen2_text(path: Path, tok, ids, *, layers: int, hidden: int, heads: int, kv_heads: int,
@@ -220,7 +228,7 @@ def _qwen2_text(path: Path, tok, ids, *, layers: int, hidden: int, heads: int, k
     torch.manual_seed(seed)
     Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     tok.save_pretrained(path)
-    _generation_config(path, ids)
+    generation_config(path, ids)
 
 
 def _aligned_text_draft(target: Path, path: Path, tok, ids) -> None:
@@ -256,7 +264,7 @@ def _aligned_text_draft(target: Path, path: Path, tok, ids) -> None:
     model.load_state_dict(lm, strict=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    _generation_config(path, ids)
+    generation_config(path, ids)
 
 
 def build(out: Path) -> None:

@@ -8,10 +8,10 @@ its language model can also be exported alone as a text-only Qwen2 draft.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..testing.tiny_models import QWEN_SPECIALS
+from ..testing.tiny_models import (QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, generation_config,
+                                   qwen_bpe_tokenizer)
 from . import language, scenes
 
 TOKENIZER_SEED = 1234
@@ -29,16 +29,9 @@ TEXT_ONLY = {"text_draft": "draft"}  # text-only role: the VL role whose text sh
 
 # The tiny checkpoints' Qwen template without the default system turn: ten fewer tokens per
 # training sequence, and nothing the world's questions need.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_SYSTEM_TURN = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+                "You are a helpful assistant.<|im_end|>\n{% endif %}")
+CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(_SYSTEM_TURN, "")
 
 # Frames keep their size (56x56: 2x2 merged tokens per temporal slot).
 PIXELS = dict(min_pixels=scenes.SIZE * scenes.SIZE, max_pixels=scenes.SIZE * scenes.SIZE,
@@ -46,23 +39,8 @@ PIXELS = dict(min_pixels=scenes.SIZE * scenes.SIZE, max_pixels=scenes.SIZE * sce
 
 
 def build_tokenizer(path: Path):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    lines = language.corpus(TOKENIZER_SEED, 4000)
-    lines += ["user", "assistant"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 64, min_frequency=2, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None,
-                                   model_max_length=4096, clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
+    lines = language.corpus(TOKENIZER_SEED, 4000) + ["user", "assistant"]
+    fast = qwen_bpe_tokenizer(lines, VOCAB_SIZE - 64, CHAT_TEMPLATE, 4096)
     for word in language.ANCHOR_KINDS:
         pieces = fast.tokenize(" " + word)
         assert len(pieces) == 1, f"anchor word {word!r} is not one token: {pieces}"
@@ -130,8 +108,4 @@ def processor(tok):
 
 
 def write_generation_config(path: Path, tok) -> None:
-    ids = special_ids(tok)
-    gen = {"bos_token_id": ids["<|endoftext|>"],
-           "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-           "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    generation_config(path, special_ids(tok))
