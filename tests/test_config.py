@@ -181,6 +181,22 @@ def test_engine_args_refuse_vision_language_draft(tiny_models):
         _engine_config(tiny_models, spec)
 
 
+def test_engine_args_refuse_draft_with_another_vocabulary(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    draft = tmp_path / "other_vocab"
+    shutil.copytree(tiny_models / "qwen25vl_aligned", draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["vocab_size"] = 4096
+    (draft / "config.json").write_text(json.dumps(cfg))
+    spec = {"method": "lvspec", "model": str(draft), "num_speculative_tokens": 3}
+    with pytest.raises(Exception) as err:
+        _engine_config(tiny_models, spec)
+    # vLLM's own check, before any weight is loaded: both sizes are named
+    assert "vocab" in str(err.value) and "4096" in str(err.value) and "2048" in str(err.value)
+
+
 def test_engine_args_refuse_v2_runner(tiny_models, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     spec = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_aligned"),
