@@ -144,3 +144,37 @@ def test_text_only_ids_are_what_the_processor_expands(tokenizer):
     text = data.batch(proc, items, video=False)
     assert text["input_ids"].tolist() == with_video["input_ids"].tolist()
     assert text["labels"].tolist() == with_video["labels"].tolist()
+
+
+def test_text_draft_positions_are_the_targets_temporal_row(tokenizer):
+    from lvspec_vllm.testing import mrope
+
+    tokenizer.padding_side = "right"
+    proc = models.processor(tokenizer)
+    rng = random.Random(3)
+    items = [data.example(rng) for _ in range(4)]
+    with_video = data.batch(proc, items)
+    text = data.batch(proc, items, video=False)
+    want = mrope.text_draft_positions(models.model_config("target", tokenizer), with_video)
+    mask = with_video["attention_mask"].bool()
+    assert text["position_ids"][mask].tolist() == want[mask].tolist()
+
+
+def test_reference_positions_continue_after_the_largest_vision_position(tokenizer):
+    from lvspec_vllm.testing import mrope
+
+    proc = models.processor(tokenizer)
+    enc = proc(text=[data.chat_prompt("Describe this video.")],
+               videos=[scenes.render(_scenes(1)[0])], return_tensors="pt",
+               videos_kwargs=dict(video_metadata=[scenes.video_metadata()],
+                                  do_sample_frames=False))
+    cfg = models.model_config("target", tokenizer)
+    pos = mrope.text_draft_positions(cfg, enc)[0].tolist()
+    video = (enc["input_ids"][0] == cfg.video_token_id).nonzero()[:, 0].tolist()
+    # 4 temporal slots one second apart at 2 tokens per second: t = start + 0, 2, 4, 6
+    start = pos[video[0]]
+    assert sorted(set(pos[i] for i in video)) == [start, start + 2, start + 4, start + 6]
+    # the text after the video goes on from the largest position used, as in vLLM
+    after = video[-1] + 1
+    assert pos[after] == start + 6 + 1
+    assert pos[after:] == list(range(pos[after], pos[after] + len(pos) - after))

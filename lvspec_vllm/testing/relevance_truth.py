@@ -83,10 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     assert inputs["input_ids"][0].tolist() == prompt_ids, "HF and vLLM expanded the prompt differently"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         target, dtype=torch.float32, attn_implementation="eager").eval()
+    from lvspec_vllm.testing import mrope
+
+    mrope.install(model)  # the positions vLLM uses (transformers 5.19 differs after a video)
     # every token vLLM fed to the target: the prompt and all outputs but the last
     ids = torch.tensor([prompt_ids + output_ids[:-1]])
     with torch.no_grad():
-        res = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+        # without mm_token_type_ids HF silently falls back to 1-D positions for the whole sequence
+        mm_types = 2 * (ids == model.config.video_token_id).long()
+        res = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
                     pixel_values_videos=inputs["pixel_values_videos"],
                     video_grid_thw=inputs["video_grid_thw"],
                     second_per_grid_ts=inputs["second_per_grid_ts"], output_attentions=True)

@@ -44,7 +44,20 @@ def text_only(tok, texts: list[str]):
     """What vLLM feeds a text-only draft: the prompt with each video placeholder expanded to the
     video's token count, as plain tokens (no pixels)."""
     expanded = [t.replace("<|video_pad|>", "<|video_pad|>" * video_tokens()) for t in texts]
-    return tok(expanded, padding=True, return_tensors="pt", add_special_tokens=False)
+    enc = tok(expanded, padding=True, return_tensors="pt", add_special_tokens=False)
+    # vLLM gives a text-only draft the target's temporal M-RoPE row as its positions
+    import torch
+
+    from ..testing import mrope
+    from . import models
+
+    n = enc["input_ids"].shape[0]
+    patches = scenes.SIZE // 14
+    enc["position_ids"] = mrope.text_draft_positions(models.model_config("target", tok), {
+        **enc, "mm_token_type_ids": None,
+        "video_grid_thw": torch.tensor([[scenes.FRAMES // 2, patches, patches]] * n),
+        "second_per_grid_ts": torch.tensor([2 / scenes.FPS] * n)})
+    return enc
 
 
 def batch(processor, items, noise: float = 0.0, seed: int = 0, video: bool = True):

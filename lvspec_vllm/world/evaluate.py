@@ -35,6 +35,9 @@ def generate(model, processor, scene_list, question="Describe this video.", max_
             prompts = [data.chat_prompt(question)] * len(chunk)
             if getattr(model.config, "vision_config", None) is None:  # a text-only draft
                 enc = data.text_only(tok, prompts)
+                # generate() derives positions from the mask; the text draft has no video to
+                # describe anyway, so its held-out score is only a floor
+                enc.pop("position_ids")
             else:
                 enc = processor(text=prompts, videos=[scenes.render(s) for s in chunk],
                                 padding=True, return_tensors="pt",
@@ -61,8 +64,13 @@ def _load(path):
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
     arch = AutoConfig.from_pretrained(path).architectures[0]
-    cls = Qwen2ForCausalLM if arch == "Qwen2ForCausalLM" else Qwen2_5_VLForConditionalGeneration
-    return cls.from_pretrained(path, dtype=torch.float32)
+    if arch == "Qwen2ForCausalLM":
+        return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from lvspec_vllm.testing import mrope
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    mrope.install(model)  # the positions vLLM uses
+    return model
 
 
 def main(argv=None) -> None:

@@ -20,6 +20,7 @@ import random
 import time
 from pathlib import Path
 
+from ..testing import mrope
 from . import data, evaluate, models
 
 
@@ -84,6 +85,7 @@ def main(argv=None) -> None:
         model = Qwen2ForCausalLM(models.text_config(models.TEXT_ONLY[args.role], tok))
     else:
         model = Qwen2_5_VLForConditionalGeneration(models.model_config(args.role, tok))
+        mrope.install(model)  # train on the positions vLLM will use
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     step = 0
     ckpt = out / "ckpt.pt"
