@@ -125,8 +125,10 @@ def test_tensor_parallel_2_loose_decisions_are_identical_on_every_rank(runs):
     decisions = {k: v for k, v in rank0.items() if k != "tp_rank"}
     assert decisions == {k: v for k, v in rank1.items() if k != "tp_rank"}
     assert rank0["rejected_anchor"] > 0 and rank0["plausible"] + rank0["shifted"] > 0
-    tp1_decisions = {k: v for k, v in tp1["workers"][0].items() if k != "tp_rank"}
-    assert decisions == tp1_decisions
+    # each rank holds its own share of the KV heads' captured keys; every decision is the same
+    sharded = {"tp_rank", "captured_key_bytes"}
+    tp1_decisions = {k: v for k, v in tp1["workers"][0].items() if k not in sharded}
+    assert {k: v for k, v in decisions.items() if k not in sharded} == tp1_decisions
 
 
 def test_loose_with_visual_anchors_runs_and_rejects_anchors(runs):
