@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 import urllib.request
 
 import pytest
@@ -123,7 +124,14 @@ def test_steady_state_over_hundreds_of_requests(server):
     rss_after = _rss_mb(server.process.pid)
     # One text-only request after the load: the plugin drops state of requests that left.
     assert asyncio.run(run([mix[0]])) == [12]
-    m = server.metrics()
+    # The worker mirrors its gauges to the API process every 0.5 s: give the last step time to land.
+    deadline = time.monotonic() + 10
+    while True:
+        m = server.metrics()
+        settled = m["lvspec:live_request_states"] <= 1 and m["lvspec:captured_key_bytes"] == 0
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     print(json.dumps({"rss_mb_after_warmup": round(rss_warm), "rss_mb_after_240": round(rss_after),
                       "live_request_states": m["lvspec:live_request_states"],
                       "captured_key_bytes": m["lvspec:captured_key_bytes"]}))
