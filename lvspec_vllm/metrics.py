@@ -47,6 +47,7 @@ METRICS = {
 GAUGES = {
     "lvspec:live_request_states": "Requests with LVSpec verification state (codebook, history).",
     "lvspec:captured_key_bytes": "Bytes of target keys held for the visual relevance.",
+    "lvspec:draft_encoder_cache_bytes": "Bytes of the video-aware draft's own encoder outputs.",
 }
 
 

@@ -274,7 +274,10 @@ class LVSpecRejectionSampler(RejectionSampler):
 
     def gauges(self) -> dict[str, int]:
         keys = self.relevance.key_bytes() if self.relevance is not None else 0
-        return {"live_request_states": len(self.states), "captured_key_bytes": keys}
+        drafter = getattr(self.runner, "drafter", None)
+        draft_cache = drafter.cache_bytes() if hasattr(drafter, "cache_bytes") else 0
+        return {"live_request_states": len(self.states), "captured_key_bytes": keys,
+                "draft_encoder_cache_bytes": draft_cache}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

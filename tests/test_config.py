@@ -174,11 +174,35 @@ def test_engine_args_refuse_bad_options_at_startup(tiny_models, extra, fragment)
     assert fragment in str(err.value)
 
 
-def test_engine_args_refuse_vision_language_draft(tiny_models):
+def test_engine_args_accept_a_same_family_vision_language_draft(tiny_models):
     spec = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_draft"),
             "num_speculative_tokens": 3}
-    with pytest.raises(LVSpecConfigError, match="is a vision-language model"):
+    config = _engine_config(tiny_models, spec)
+    assert config.speculative_config.draft_model_config.is_multimodal_model
+
+
+def test_engine_args_refuse_a_vision_language_draft_of_another_family(tiny_models):
+    spec = {"method": "lvspec", "model": str(tiny_models / "llava_ov_draft"),
+            "num_speculative_tokens": 3}
+    with pytest.raises(LVSpecConfigError) as err:
         _engine_config(tiny_models, spec)
+    assert "LlavaOnevisionForConditionalGeneration but the target is a " \
+           "Qwen2_5_VLForConditionalGeneration" in str(err.value)
+
+
+def test_engine_args_refuse_a_draft_that_would_see_other_visual_tokens(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    draft = tmp_path / "other_merge"
+    shutil.copytree(tiny_models / "qwen25vl_draft", draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["vision_config"]["spatial_merge_size"] = 1
+    (draft / "config.json").write_text(json.dumps(cfg))
+    spec = {"method": "lvspec", "model": str(draft), "num_speculative_tokens": 3}
+    with pytest.raises(LVSpecConfigError) as err:
+        _engine_config(tiny_models, spec)
+    assert "vision_config.spatial_merge_size (draft 1, target 2)" in str(err.value)
 
 
 def test_engine_args_refuse_draft_with_another_vocabulary(tiny_models, tmp_path):

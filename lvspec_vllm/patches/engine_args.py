@@ -94,11 +94,11 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             "--enforce-eager, or set 'anchor_identification': false.")
     draft = spec_config.draft_model_config
     if draft is not None and draft.is_multimodal_model:
-        arch = (draft.hf_config.architectures or ["?"])[0]
-        raise LVSpecConfigError(
-            f"LVSpec draft {draft.model!r} is a vision-language model ({arch}); this release "
-            f"drafts with a text-only model. Use a text-only draft of the target's family with "
-            f"the same vocabulary (its language model, e.g. a Qwen2ForCausalLM checkpoint).")
+        from lvspec_vllm.drafter.compat import vl_draft_problem
+
+        problem = vl_draft_problem(spec_config.target_model_config.hf_config, draft.hf_config)
+        if problem:
+            raise LVSpecConfigError(f"LVSpec draft {draft.model!r} {problem}")
 
 
 def _full_cuda_graphs_possible(engine_args: Any) -> bool:

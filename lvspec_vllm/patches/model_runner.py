@@ -2,11 +2,12 @@
 
 Why: vLLM has no registry for proposers or rejection samplers. The V1 runner builds both in
 ``__init__`` (``self.drafter = DraftModelProposer(...)`` and ``self.rejection_sampler =
-RejectionSampler(self.sampler, speculative_config, device)``); after it returns, this post-hook
-swaps in LVSpec's subclasses when ``additional_config["lvspec"]`` is present. The CPU runner
+RejectionSampler(self.sampler, speculative_config, device)``). When ``additional_config["lvspec"]``
+is present, the runner module's name ``DraftModelProposer`` points at LVSpec's subclass for the
+duration of that ``__init__`` (vLLM's own constructor refuses the M-RoPE drafts LVSpec supports, so
+it must not run first), and after it returns the rejection sampler is replaced. The CPU runner
 subclasses GPUModelRunner and calls this ``__init__``, so one patch covers CUDA and CPU. Nothing
-is loaded yet at that point (models load in ``load_model``), so the swap costs only the
-constructor of the replaced objects.
+is loaded yet at that point (models load in ``load_model``).
 """
 
 from __future__ import annotations
@@ -21,17 +22,28 @@ class ModelRunnerInitPatch(Patch):
 
     @staticmethod
     def wrapper(original, self, vllm_config, *args, **kwargs):
-        original(self, vllm_config, *args, **kwargs)
         options = (vllm_config.additional_config or {}).get("lvspec") \
             if isinstance(vllm_config.additional_config, dict) else None
-        if options is None or not hasattr(self, "rejection_sampler"):
-            return  # not LVSpec, or not the last pipeline stage (no drafter there)
+        if options is None:
+            return original(self, vllm_config, *args, **kwargs)
+        import vllm.v1.worker.gpu_model_runner as runner_module
         from lvspec_vllm.drafter import LVSpecDrafter
+
+        vllm_proposer = runner_module.DraftModelProposer
+        runner_module.DraftModelProposer = LVSpecDrafter
+        try:
+            original(self, vllm_config, *args, **kwargs)
+        finally:
+            runner_module.DraftModelProposer = vllm_proposer
+        if not hasattr(self, "rejection_sampler"):
+            return  # not the last pipeline stage: no drafter, no sampler here
         from lvspec_vllm.sampler import LVSpecRejectionSampler
         from lvspec_vllm.config import LVSpecConfig
 
         config = LVSpecConfig.from_dict(options)
-        self.drafter = LVSpecDrafter(vllm_config=self.vllm_config, device=self.device, runner=self)
+        if not isinstance(self.drafter, LVSpecDrafter):
+            raise RuntimeError(f"LVSpec: vLLM built a {type(self.drafter).__name__} drafter, "
+                               f"expected its draft_model proposer")
         capture = None
         if config.needs_relevance():
             from lvspec_vllm.patches import attention

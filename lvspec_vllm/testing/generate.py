@@ -7,7 +7,7 @@ memory bounded and leaves nothing behind between runs. It writes one JSON docume
      "metrics": {"vllm:spec_decode_num_drafts": n, ...}}
 
     python -m lvspec_vllm.testing.generate --family qwen25vl --out result.json \
-        [--draft DIR --k 4 --lvspec-options '{}'] [--tp 2]
+        [--draft DIR --k 4 --lvspec-options '{}'] [--tp 2] [--only video]
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--waves", default=None,
                     help="comma-separated request counts arriving in waves, each wave when the "
                          "previous one has finished: the batch size goes up and down")
+    ap.add_argument("--only", choices=("text", "image", "video"), default=None,
+                    help="keep only the requests of this modality")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
                                         **json.loads(args.lvspec_options)}
     llm = LLM(**kwargs)
     requests = mixed_requests(args.family)
+    if args.only:
+        requests = [r for r in requests
+                    if args.only in r.get("multi_modal_data", {"text": None})]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     if args.waves:
         outs = _run_waves(llm, requests, params, [int(w) for w in args.waves.split(",")])

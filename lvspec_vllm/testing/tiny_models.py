@@ -11,10 +11,13 @@ draft_model requires.
     llava_ov/              LLaVA-OneVision target (SigLIP 2 layers + Qwen2 2 layers)
     llava_ov_draft/        smaller LLaVA-OneVision draft (SigLIP 1 layer + Qwen2 1 layer)
     llava_ov_aligned/      text-only Qwen2 holding exactly the LLaVA-OneVision target's language model
+    qwen25vl_vl_aligned/   the Qwen2.5-VL target's own weights as a draft that sees the video
+    llava_ov_vl_aligned/   the LLaVA-OneVision target's own weights as a draft that sees the video
 
 The "aligned" drafts agree with their target wherever the target does not look at the video, which
 makes them the exactness tests' drafts: most draft tokens are accepted, so the accept path is
-exercised as much as the reject path.
+exercised as much as the reject path. The "vl_aligned" drafts agree with their target everywhere,
+video included, once they see the video.
 
     lvspec-tiny-models [--out DIR] [--force]     (prints the directory)
 """
@@ -32,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when anything below changes the files produced; the cache is keyed by it.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SEED = 0
 VOCAB_SIZE = 2048  # config vocab_size: >= len(tokenizer), a multiple of 64
 # Larger than the usual 0.02 so that random logits have clear winners: greedy decoding of a tiny
@@ -282,6 +285,8 @@ def build(out: Path) -> None:
     _llava_ov(out / "llava_ov_draft", out / "tok", ids, layers=1, hidden=64, vision_layers=1,
               seed=SEED + 4)
     _aligned_text_draft(out / "llava_ov", out / "llava_ov_aligned", tok, ids)
+    for family in ("qwen25vl", "llava_ov"):
+        shutil.copytree(out / family, out / f"{family}_vl_aligned")
 
 
 def ensure_tiny_models(out: str | os.PathLike | None = None, force: bool = False) -> Path:
