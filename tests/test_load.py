@@ -120,22 +120,24 @@ def baseline(tiny_models, workload, tmp_path_factory):
     return results
 
 
-VARIANTS = {
-    "tp1": ((), None),
+_PREEMPT = ("--num-gpu-blocks-override", "6", "--block-size", "32", "--max-model-len", "160")
+VARIANTS = {  # name: (draft, extra server flags, extra environment)
+    "tp1": ("qwen25vl_aligned", (), None),
     # heads sharded over two workers
-    "tp2": (("--tensor-parallel-size", "2"), {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+    "tp2": ("qwen25vl_aligned", ("--tensor-parallel-size", "2"),
+            {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
     # 6 blocks of 32 tokens for 8 running requests: vLLM preempts and recomputes
-    "preempt": (("--num-gpu-blocks-override", "6", "--block-size", "32",
-                 "--max-model-len", "160"), None),
+    "preempt": ("qwen25vl_aligned", _PREEMPT, None),
+    # a draft that sees the video (its own encoder cache), under the same preemption
+    "video-draft-preempt": ("qwen25vl_vl_aligned", _PREEMPT, None),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(
         tiny_models, workload, baseline, tmp_path, variant):
-    extra, env = VARIANTS[variant]
-    spec = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_aligned"),
-            "num_speculative_tokens": 4}
+    draft, extra, env = VARIANTS[variant]
+    spec = {"method": "lvspec", "model": str(tiny_models / draft), "num_speculative_tokens": 4}
     lv, healthy, m = _serve_and_load(str(tiny_models / "qwen25vl"), spec, workload,
                                      tmp_path / f"{variant}.log", extra, env)
     assert healthy
@@ -149,7 +151,7 @@ def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(
             assert x[0] == b[0], f"request {r['id']} ({r['kind']}, stream={r['stream']})"
     assert m["vllm:spec_decode_num_drafts_total"] > 0
     assert m["vllm:spec_decode_num_accepted_tokens_total"] > 0
-    if variant == "preempt":
+    if "preempt" in variant:
         assert m["vllm:num_preemptions_total"] > 0
     print(variant, json.dumps({k: v for k, v in m.items()
                                if k.startswith(("lvspec:", "vllm:spec_decode_num", "vllm:num_pre"))
