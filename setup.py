@@ -18,7 +18,8 @@ setup(
     packages=find_packages(include=["lvspec_vllm", "lvspec_vllm.*"])
     + ["lvspec_vllm.kernels", "lvspec_vllm.configs"],
     package_dir={"lvspec_vllm.kernels": "kernels", "lvspec_vllm.configs": "configs"},
-    package_data={"lvspec_vllm.configs": ["*.json"]},
+    package_data={"lvspec_vllm.configs": ["*.json"],
+                  "lvspec_vllm.world": ["checkpoints/README.md", "checkpoints/*/*"]},
     install_requires=[f"vllm{SUPPORTED_VLLM}"],
     extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"], "bench": ["matplotlib>=3.8"]},
     entry_points={

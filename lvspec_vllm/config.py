@@ -211,7 +211,8 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     """A ready ``--speculative-config`` dict from configs/ (by name) or from a JSON file.
 
     ``{tiny_models}`` in a string value becomes the directory of the tiny test checkpoints
-    (built on first use), so the demo preset works on any machine.
+    (built on first use) and ``{world_models}`` the trained benchmark pair shipped with the
+    package, so the demo presets work on any machine.
     """
     path = Path(name_or_path)
     if path.suffix != ".json":
@@ -220,13 +221,24 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         raise LVSpecConfigError(f"no LVSpec preset {name_or_path!r}; presets: "
                                 f"{', '.join(preset_names())}")
     preset = json.loads(path.read_text())
-    if any(isinstance(v, str) and "{tiny_models}" in v for v in preset.values()):
-        from lvspec_vllm.testing.tiny_models import ensure_tiny_models
-
-        root = str(ensure_tiny_models())
-        preset = {k: v.replace("{tiny_models}", root) if isinstance(v, str) else v
-                  for k, v in preset.items()}
+    for key, root in (("{tiny_models}", _tiny_models), ("{world_models}", _world_models)):
+        if any(isinstance(v, str) and key in v for v in preset.values()):
+            where = str(root())
+            preset = {k: v.replace(key, where) if isinstance(v, str) else v
+                      for k, v in preset.items()}
     return preset
+
+
+def _tiny_models() -> Path:
+    from lvspec_vllm.testing.tiny_models import ensure_tiny_models
+
+    return ensure_tiny_models()
+
+
+def _world_models() -> Path:
+    from lvspec_vllm.world import checkpoints_dir
+
+    return checkpoints_dir()
 
 
 def preset_main(argv: list[str] | None = None) -> None:

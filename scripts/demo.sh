@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed), then serve the tiny Qwen2.5-VL pair with LVSpec and answer one video
-# request through the OpenAI-compatible API.
+# Set up (if needed), then serve the trained benchmark pair with LVSpec and caption one held-out
+# video through the OpenAI-compatible API (lvspec-demo --help for options).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 bash "$ROOT/scripts/install.sh" "$ROOT/.venv"

@@ -6,4 +6,12 @@
     data.py       training examples and labels
     train.py      lvspec-train-world: CPU training, resumable
     evaluate.py   held-out attribute accuracy under HF transformers
+    checkpoints/  the trained pair (target, video-aware draft, text-only draft) and its card
 """
+
+from pathlib import Path
+
+
+def checkpoints_dir() -> Path:
+    """The committed trained checkpoints: target/, draft/ (sees the video), text_draft/."""
+    return Path(__file__).parent / "checkpoints"
