@@ -55,3 +55,24 @@ def run_generate(tmp_path: Path, name: str, *args: str, timeout: float = 600) ->
     result = json.loads(out.read_text())
     result["log"] = log.read_text()
     return result
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory, tiny_models):
+    """Engine runs computed lazily and shared by the tests of one module: runs(name, *args)."""
+    cache = {}
+    tmp = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+
+    def get(name, *args):
+        if name not in cache:
+            cache[name] = run_generate(tmp, name, *args)
+        return cache[name]
+    return get
+
+
+def assert_same_tokens(reference: dict, candidate: dict) -> None:
+    """Two generate runs emitted the same tokens for every request."""
+    assert len(reference["outputs"]) == len(candidate["outputs"])
+    for i, (ref, out) in enumerate(zip(reference["outputs"], candidate["outputs"])):
+        assert out == ref, f"request {i}: first difference at token " \
+                           f"{next(j for j, (a, b) in enumerate(zip(ref, out)) if a != b)}"

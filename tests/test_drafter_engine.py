@@ -7,28 +7,9 @@ text-only (the "aligned" drafts: the target's language model alone) guess the vi
 
 import pytest
 
-from conftest import run_generate
+from conftest import assert_same_tokens
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_models):
-    cache = {}
-    tmp = tmp_path_factory.mktemp("drafter")
-
-    def get(name, *args):
-        if name not in cache:
-            cache[name] = run_generate(tmp, name, *args)
-        return cache[name]
-    return get
-
-
-def _assert_same_tokens(reference, candidate):
-    assert len(reference["outputs"]) == len(candidate["outputs"])
-    for i, (ref, out) in enumerate(zip(reference["outputs"], candidate["outputs"])):
-        assert out == ref, f"request {i}: first difference at token " \
-                           f"{next(j for j, (a, b) in enumerate(zip(ref, out)) if a != b)}"
 
 
 def _acceptance(run) -> float:
@@ -43,8 +24,8 @@ def test_a_draft_that_sees_the_video_is_accepted_everywhere(runs, family):
                   "--draft", f"{family}_vl_aligned", "--k", "4")
     blind = runs(f"{family}-aligned-video", "--family", family, "--only", "video",
                  "--draft", f"{family}_aligned", "--k", "4")
-    _assert_same_tokens(base, seeing)
-    _assert_same_tokens(base, blind)
+    assert_same_tokens(base, seeing)
+    assert_same_tokens(base, blind)
     (w,) = seeing["workers"]
     print(f"{family} video prompts: acceptance with the video {_acceptance(seeing):.3f}, "
           f"text-only {_acceptance(blind):.3f}; drafter {w}")
@@ -68,7 +49,7 @@ def test_video_drafts_under_chunked_prefill_and_preemption(runs):
     small = runs("qwen25vl-vl-draft-tight", "--family", "qwen25vl",
                  "--draft", "qwen25vl_draft", *tight)
     for run in (aligned, small):
-        _assert_same_tokens(base, run)
+        assert_same_tokens(base, run)
         assert run["metrics"]["vllm:num_preemptions"] > 0
         (w,) = run["workers"]
         assert w["drafter_encoded_items"] >= 4  # 3 videos and an image (again after preemption)
@@ -83,7 +64,7 @@ def test_video_draft_under_tensor_parallel_2(runs):
     base = runs("qwen25vl-base-fp32", "--family", "qwen25vl", "--dtype", "float32")
     tp2 = runs("qwen25vl-vl-aligned-tp2", "--family", "qwen25vl", "--dtype", "float32",
                "--draft", "qwen25vl_vl_aligned", "--k", "4", "--tp", "2")
-    _assert_same_tokens(base, tp2)
+    assert_same_tokens(base, tp2)
     assert sorted(w["tp_rank"] for w in tp2["workers"]) == [0, 1]
     assert {w["drafter_encoded_items"] for w in tp2["workers"]} == {4}
     assert _acceptance(tp2) == 1.0

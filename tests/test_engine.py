@@ -8,38 +8,18 @@ import json
 
 import pytest
 
-from conftest import run_generate
+from conftest import assert_same_tokens
 
 pytestmark = pytest.mark.engine
 
 FAMILIES = {"qwen25vl": "qwen25vl_aligned", "llava_ov": "llava_ov_aligned"}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_models):
-    """Lazily computed engine runs, shared by the tests of this module."""
-    cache = {}
-    tmp = tmp_path_factory.mktemp("engine")
-
-    def get(name, *args):
-        if name not in cache:
-            cache[name] = run_generate(tmp, name, *args)
-        return cache[name]
-    return get
-
-
-def _assert_same_tokens(reference, candidate):
-    assert len(reference["outputs"]) == len(candidate["outputs"])
-    for i, (ref, out) in enumerate(zip(reference["outputs"], candidate["outputs"])):
-        assert out == ref, f"request {i}: first difference at token " \
-                           f"{next(j for j, (a, b) in enumerate(zip(ref, out)) if a != b)}"
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_strict_lvspec_equals_target_greedy(runs, family):
     base = runs(f"{family}-base", "--family", family)
     lv = runs(f"{family}-lvspec", "--family", family, "--draft", FAMILIES[family], "--k", "4")
-    _assert_same_tokens(base, lv)
+    assert_same_tokens(base, lv)
     assert all(len(o) == 40 for o in lv["outputs"])
     # The LVSpec classes did the work, and their counts agree with vLLM's own metrics.
     (worker,) = lv["workers"]
@@ -87,7 +67,7 @@ def test_strict_lvspec_with_an_unrelated_draft_is_still_exact(runs):
     base = runs("qwen25vl-base", "--family", "qwen25vl")
     lv = runs("qwen25vl-random-draft", "--family", "qwen25vl", "--draft", "qwen2_draft",
               "--k", "3")
-    _assert_same_tokens(base, lv)
+    assert_same_tokens(base, lv)
 
 
 def test_tensor_parallel_2(runs):
@@ -99,7 +79,7 @@ def test_tensor_parallel_2(runs):
     base_tp1 = runs("qwen25vl-base-fp32", "--family", "qwen25vl", "--dtype", "float32")
     tp2 = runs("qwen25vl-lvspec-tp2-fp32", "--family", "qwen25vl", "--dtype", "float32",
                "--draft", "qwen25vl_aligned", "--k", "4", "--tp", "2")
-    _assert_same_tokens(base_tp1, tp2)
+    assert_same_tokens(base_tp1, tp2)
     assert sorted(w["tp_rank"] for w in tp2["workers"]) == [0, 1]
     for w in tp2["workers"]:
         assert w["drafter"] == "LVSpecDrafter"
@@ -120,7 +100,7 @@ def test_tensor_parallel_2_loose_decisions_are_identical_on_every_rank(runs):
               "--k", "4", "--no-prefix-caching", "--lvspec-options", options)
     tp1 = runs("qwen25vl-loose-fp32", *common)
     tp2 = runs("qwen25vl-loose-tp2-fp32", *common, "--tp", "2")
-    _assert_same_tokens(tp1, tp2)
+    assert_same_tokens(tp1, tp2)
     rank0, rank1 = sorted(tp2["workers"], key=lambda w: w["tp_rank"])
     decisions = {k: v for k, v in rank0.items() if k != "tp_rank"}
     assert decisions == {k: v for k, v in rank1.items() if k != "tp_rank"}
@@ -151,4 +131,4 @@ def test_strict_lvspec_survives_preemption_with_video(runs):
     tight = runs("qwen25vl-lvspec-preempt", "--family", "qwen25vl", "--draft",
                  "qwen25vl_aligned", "--k", "4", "--num-gpu-blocks", "7")
     assert tight["metrics"]["vllm:num_preemptions"] > 0
-    _assert_same_tokens(base, tight)
+    assert_same_tokens(base, tight)

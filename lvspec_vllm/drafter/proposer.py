@@ -48,6 +48,7 @@ class LVSpecDrafter(DraftModelProposer):
                                          device=self.device)
         self._seq_next: torch.Tensor | None = None
         self._mm_inputs = None
+        self._retained_for: set[str] = set()  # the request ids the cache was last pruned for
 
     @property
     def sees_video(self) -> bool:
@@ -115,14 +116,16 @@ class LVSpecDrafter(DraftModelProposer):
     def _gather_visual_inputs(self, cad, slots: int, num_tokens: int):
         runner = self.runner
         qsl = cad.query_start_loc_cpu.tolist()
-        windows, live = [], set()
+        windows = []
         for r, req_id in enumerate(runner.input_batch.req_ids[:cad.batch_size()]):
             state = runner.requests[req_id]
             windows.append(Window(state.mm_features, state.num_computed_tokens,
                                   qsl[r + 1] - qsl[r], qsl[r] + r * slots))
-        for state in runner.requests.values():
-            live.update(f.identifier for f in state.mm_features)
-        self.vision.retain(live)
+        # An entry can only have died if a request left: skip the walk on steady decode steps.
+        if self.vision.cache and runner.requests.keys() != self._retained_for:
+            self._retained_for = set(runner.requests)
+            self.vision.retain({f.identifier for state in runner.requests.values()
+                                for f in state.mm_features})
         return self.vision.gather(windows, num_tokens)
 
     def build_model_inputs_first_pass(self, num_tokens, num_input_tokens, mm_embed_inputs):
