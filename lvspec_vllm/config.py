@@ -78,6 +78,16 @@ class LVSpecConfig:
                                       lo=0.0, hi=20.0, nullable=True)
     max_loose_per_step: int | None = _opt(None, "If set, at most this many loose accepts per "
                                                 "request and step.", lo=0, hi=64, nullable=True)
+    # -- what the draft sees (SpecVLM's verifier-guided pruning) -------------------------------
+    draft_pruning: bool = _opt(False, "A video-aware draft attends to only a share of each video's "
+                                      "tokens, chosen from the target's prefill attention (the "
+                                      "target is never pruned).")
+    draft_keep_ratio: float = _opt(0.1, "Share of each video's tokens the pruned draft keeps.",
+                                   lo=0.0, hi=1.0, lo_open=True)
+    draft_stage1_share: float = _opt(0.4, "Stage I keeps the tokens with the most attention from "
+                                          "the prompt's text until they hold this share of the "
+                                          "video's total; stage II spreads the rest of the budget "
+                                          "uniformly.", lo=0.0, hi=1.0)
     # -- how many tokens to draft ---------------------------------------------------------------
     auto_k: bool = _opt(False, "Choose k per step (0 to num_speculative_tokens) from the batch "
                                "size, the measured acceptance per position and the measured step "
@@ -107,6 +117,10 @@ class LVSpecConfig:
     def needs_relevance(self) -> bool:
         """Whether the target's visual attention must be captured (loose with anchors)."""
         return self.loose and self.anchor_identification
+
+    def captures_attention(self) -> bool:
+        """Whether the target's attention layers are hooked at all (anchors or pruning)."""
+        return self.needs_relevance() or self.draft_pruning
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -50,6 +50,12 @@ GAUGES = {
     "lvspec:draft_encoder_cache_bytes": "Bytes of the video-aware draft's own encoder outputs.",
 }
 
+# the video-aware draft's own counts, cumulative (published beside the gauges)
+DRAFT_COUNTERS = {
+    "lvspec:draft_visual_tokens": "Image and video tokens the video-aware draft processed.",
+    "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning kept from the draft.",
+}
+
 
 def _slot(metric: str, label: str | None) -> str:
     if metric == "lvspec:verify_steps":
@@ -117,6 +123,8 @@ class LVSpecCollector:
         totals = self._totals()
         for metric, doc in GAUGES.items():
             yield GaugeMetricFamily(metric, doc, value=totals.get(metric.split(":")[1], 0))
+        for metric, doc in DRAFT_COUNTERS.items():
+            yield CounterMetricFamily(metric, doc, value=totals.get(metric.split(":")[1], 0))
         # auto_k: steps per chosen k, written by the engine core's scheduler
         steps = {key.removeprefix("auto_k_steps_"): v for key, v in totals.items()
                  if key.startswith("auto_k_steps_")}

@@ -71,7 +71,7 @@ class LVSpecRejectionSampler(RejectionSampler):
     def __init__(self, sampler, spec_config, device, lvspec_config: LVSpecConfig, runner=None,
                  relevance=None):
         super().__init__(sampler, spec_config, device)
-        self.relevance = relevance  # RelevanceCapture, when anchors are identified
+        self.relevance = relevance  # RelevanceCapture (anchors, or draft pruning's scores)
         self.lvspec_config = lvspec_config
         self.params = verify_params(lvspec_config)
         self.runner = runner
@@ -276,8 +276,11 @@ class LVSpecRejectionSampler(RejectionSampler):
         keys = self.relevance.key_bytes() if self.relevance is not None else 0
         drafter = getattr(self.runner, "drafter", None)
         draft_cache = drafter.cache_bytes() if hasattr(drafter, "cache_bytes") else 0
+        drafted = drafter.counts if hasattr(drafter, "counts") else {}
         return {"live_request_states": len(self.states), "captured_key_bytes": keys,
-                "draft_encoder_cache_bytes": draft_cache}
+                "draft_encoder_cache_bytes": draft_cache,
+                "draft_visual_tokens": drafted.get("visual_tokens_in", 0),
+                "draft_pruned_visual_tokens": drafted.get("pruned_visual_tokens", 0)}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

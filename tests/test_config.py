@@ -271,3 +271,25 @@ def test_identification_refuses_full_cuda_graphs_on_cuda(monkeypatch, eager, mod
             _check_combination(args, spec, cfg)
     else:
         _check_combination(args, spec, cfg)
+
+
+def test_draft_pruning_needs_a_video_aware_draft_and_no_prefix_caching(tiny_models):
+    text_draft = {"method": "lvspec", "model": str(tiny_models / "qwen25vl_aligned"),
+                  "num_speculative_tokens": 3, "draft_pruning": True}
+    with pytest.raises(LVSpecConfigError) as err:
+        _engine_config(tiny_models, text_draft, enable_prefix_caching=False)
+    assert "'draft_pruning'" in str(err.value) and "is text-only" in str(err.value)
+    vl_draft = {**text_draft, "model": str(tiny_models / "qwen25vl_draft")}
+    with pytest.raises(LVSpecConfigError) as err:
+        _engine_config(tiny_models, vl_draft)
+    assert "'draft_pruning'" in str(err.value) and "--no-enable-prefix-caching" in str(err.value)
+    cfg = _engine_config(tiny_models, {**vl_draft, "draft_keep_ratio": 0.25},
+                         enable_prefix_caching=False)
+    assert cfg.additional_config["lvspec"]["draft_keep_ratio"] == 0.25
+
+
+@pytest.mark.parametrize("key, value", [("draft_keep_ratio", 0.0), ("draft_keep_ratio", 1.5),
+                                        ("draft_stage1_share", -0.1), ("draft_pruning", 1)])
+def test_draft_pruning_options_are_ranged(key, value):
+    with pytest.raises(LVSpecConfigError, match=f"'{key}'"):
+        translate({**BASE, key: value})

@@ -8,6 +8,9 @@ two additions:
   vision encoder on the request's pixels (``vision.py``), takes the target's M-RoPE positions in
   its first pass (``positions.py``) and advances KV slots by the sequence index, which after a
   video runs ahead of M-RoPE's temporal row. A text-only draft drafts exactly as vLLM's does.
+* **Pruning (SpecVLM, opt-in).** The draft keeps a share of each video's tokens, chosen from the
+  target's prefill attention, and runs on a compacted copy of the request's sequence
+  (``pruning.py``; ``_decide_pruning``, ``_drop_pruned``).
 * **k from the scheduler.** The per-step k comes from vLLM's scheduler
   (``num_speculative_tokens_per_batch_size``, or auto_k). At k = 0 vLLM's proposer still runs one
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
@@ -28,7 +31,8 @@ from lvspec_vllm.drafter.positions import draft_mrope_positions
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
 DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipped_passes",
-                    "proposed_tokens", "encoded_items", "visual_tokens_in")
+                    "proposed_tokens", "visual_tokens_in", "pruned_visual_tokens",
+                    "pruned_items_scored", "pruned_items_unscored", "encoded_items")
 
 
 class LVSpecDrafter(DraftModelProposer):
@@ -37,7 +41,7 @@ class LVSpecDrafter(DraftModelProposer):
         self.runner = runner  # the draft's visual inputs come from the runner's request states
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size
         self.never_drafts = bool(schedule) and max(entry[-1] for entry in schedule) == 0
-        self._counts = dict.fromkeys(DRAFTER_COUNTERS[:5], 0)
+        self._counts = dict.fromkeys(DRAFTER_COUNTERS[:-1], 0)
         self.vision: DraftVision | None = None
         if self.sees_video and (problems := proposer_hook_problems(DraftModelProposer)):
             raise RuntimeError("LVSpec's video-aware drafter does not fit this vLLM's draft "
@@ -49,6 +53,10 @@ class LVSpecDrafter(DraftModelProposer):
         self._seq_next: torch.Tensor | None = None
         self._mm_inputs = None
         self._retained_for: set[str] = set()  # the request ids the cache was last pruned for
+        # SpecVLM pruning (enable_pruning): {req_id: {item index: pruned sequence positions}}
+        self.pruning: tuple[float, float] | None = None
+        self.prompt_attention = None  # the target's RelevanceCapture, for stage-I scores
+        self._pruned: dict[str, dict[int, torch.Tensor]] = {}
 
     @property
     def sees_video(self) -> bool:
@@ -58,8 +66,14 @@ class LVSpecDrafter(DraftModelProposer):
     @property
     def counts(self) -> dict[str, int]:
         vision = self.vision.counts if self.vision is not None else {}
-        return {**self._counts, "encoded_items": vision.get("encoded_items", 0),
-                "visual_tokens_in": vision.get("visual_tokens_in", 0)}
+        return {**self._counts, "encoded_items": vision.get("encoded_items", 0)}
+
+    def enable_pruning(self, keep_ratio: float, stage1_share: float, prompt_attention) -> None:
+        """SpecVLM's pruning of the draft's video tokens (``pruning.py``)."""
+        if not self.sees_video:
+            raise RuntimeError("LVSpec 'draft_pruning' needs a draft that sees the video")
+        self.pruning = (keep_ratio, stage1_share)
+        self.prompt_attention = prompt_attention
 
     # vLLM's refusals, which a video-aware draft lifts
     def _raise_if_mrope(self):
@@ -109,9 +123,111 @@ class LVSpecDrafter(DraftModelProposer):
         if mrope is not None:
             self.mrope_positions[:, :num_tokens] = draft_mrope_positions(
                 mrope, cad.query_start_loc, slots, num_tokens)
-            self._seq_next = self.positions[token_indices_to_sample]
         self._mm_inputs = self._gather_visual_inputs(cad, slots, num_tokens)
+        if self.pruning is not None:
+            num_tokens, token_indices_to_sample, new_cad = self._drop_pruned(
+                cad, num_tokens, token_indices_to_sample, new_cad)
+        if self._mm_inputs is not None:
+            self._counts["visual_tokens_in"] += sum(e.shape[0] for e in self._mm_inputs[0])
+        if mrope is not None:
+            self._seq_next = self.positions[token_indices_to_sample]
         return num_tokens, token_indices_to_sample, new_cad
+
+    # -- SpecVLM pruning ---------------------------------------------------------------------
+    def _decide_pruning(self, req_id: str, state, first: int, end: int) -> None:
+        """Choose the kept tokens of every item whose first token is in [first, end)."""
+        from lvspec_vllm.drafter.pruning import select_kept
+        from lvspec_vllm.relevance.reference import visual_ranges
+
+        keep_ratio, share = self.pruning
+        decided = self._pruned.setdefault(req_id, {})
+        scores = (self.prompt_attention.prompt_scores or {}).get(req_id)
+        for i, f in enumerate(state.mm_features):
+            if not first <= f.mm_position.offset < end:
+                continue
+            runs = visual_ranges([f.mm_position])
+            pos = torch.cat([torch.arange(a, b) for a, b in runs.tolist()])
+            item = None
+            if scores is not None and scores.numel() >= int(pos[-1]) + 1:
+                item = scores[pos.to(scores.device)].float()
+                item = self._all_reduce(item)
+                if float(item.sum()) <= 0:
+                    item = None
+            kept = select_kept(pos.numel(), keep_ratio, share, item)
+            decided[i] = pos[~kept]
+            self._counts["pruned_items_scored" if item is not None
+                         else "pruned_items_unscored"] += 1
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        # every rank scores with its own heads; all must keep the same tokens
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        if get_tensor_model_parallel_world_size() == 1:
+            return t
+        from vllm.distributed import tensor_model_parallel_all_reduce
+        return tensor_model_parallel_all_reduce(t.contiguous())
+
+    def _drop_pruned(self, cad, num_tokens, tis, new_cad):
+        """Remove pruned video tokens from the first pass and move the rest into the draft's
+        compacted sequence (KV slots, sequence lengths, rows and visual embeddings)."""
+        from lvspec_vllm.drafter.pruning import compact_layout
+
+        runner = self.runner
+        req_ids = runner.input_batch.req_ids[:cad.batch_size()]
+        for gone in [r for r in self._pruned if r not in runner.requests]:
+            del self._pruned[gone]
+        qsl = cad.query_start_loc_cpu.tolist()
+        for r, req_id in enumerate(req_ids):
+            state = runner.requests[req_id]
+            if state.mm_features:
+                first = state.num_computed_tokens
+                self._decide_pruning(req_id, state, first, first + qsl[r + 1] - qsl[r])
+        pruned = [torch.cat(list(d.values())).sort().values if (d := self._pruned.get(r))
+                  else None for r in req_ids]
+        if all(p is None or p.numel() == 0 for p in pruned):
+            return num_tokens, tis, new_cad
+        seq_pos = self.positions[:num_tokens].cpu()
+        seq_lens = new_cad.seq_lens.cpu()
+        keep, draft_pos, draft_lens = compact_layout(seq_pos, new_cad.query_start_loc_cpu,
+                                                     seq_lens, pruned)
+        # The sampled row stays, so no request loses all its rows. Only a partial prefill's
+        # discarded row can sit on a pruned position: its KV lands in the slot the next kept
+        # token overwrites, as vLLM's own discarded row does.
+        keep[tis.cpu()] = True
+        rows = keep.nonzero().squeeze(1)
+        n = rows.numel()
+        dev_rows = rows.to(self.device)
+        self.input_ids[:n] = self.input_ids[:num_tokens][dev_rows]
+        if self.uses_mrope:
+            self.mrope_positions[:, :n] = self.mrope_positions[:, :num_tokens][:, dev_rows]
+        self.positions[:n] = draft_pos[rows].to(self.device)
+        # KV slots of the compacted positions in the request's own blocks; padding stays padding
+        req = torch.repeat_interleave(torch.arange(len(req_ids)),
+                                      torch.diff(new_cad.query_start_loc_cpu))[rows]
+        blocks = new_cad.block_table_tensor.cpu()
+        pos = draft_pos[rows]
+        slot = blocks[req, pos // self.block_size].long() * self.block_size + pos % self.block_size
+        old = new_cad.slot_mapping[:num_tokens].cpu()[rows]
+        from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
+        slot = torch.where(old == PADDING_SLOT_ID, old.long(), slot)
+        counts = torch.bincount(req, minlength=len(req_ids))
+        q = torch.zeros(len(req_ids) + 1, dtype=new_cad.query_start_loc_cpu.dtype)
+        q[1:] = torch.cumsum(counts, 0)
+        new_tis = (torch.cumsum(keep.long(), 0) - 1)[tis.cpu()]
+        upper = new_cad.seq_lens_cpu_upper_bound
+        new_cad = new_cad.replace(
+            query_start_loc=q.to(self.device), query_start_loc_cpu=q,
+            seq_lens=draft_lens.to(device=self.device, dtype=new_cad.seq_lens.dtype),
+            num_actual_tokens=n, max_query_len=int(counts.max()),
+            max_seq_len=int(draft_lens.max()),
+            slot_mapping=slot.to(device=self.device, dtype=new_cad.slot_mapping.dtype),
+            seq_lens_cpu_upper_bound=None if upper is None else upper - (seq_lens - draft_lens),
+            positions=None, _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
+        if self._mm_inputs is not None:
+            embeds, mask = self._mm_inputs
+            vis_kept = keep.to(mask.device)[mask.nonzero().squeeze(1)].to(embeds[0].device)
+            self._mm_inputs = ([torch.cat(embeds)[vis_kept]], mask[keep.to(mask.device)])
+            self._counts["pruned_visual_tokens"] += int((~vis_kept).sum())
+        return n, new_tis.to(device=tis.device, dtype=tis.dtype), new_cad
 
     def _gather_visual_inputs(self, cad, slots: int, num_tokens: int):
         runner = self.runner

@@ -34,7 +34,7 @@ class DraftVision:
         self.model = model
         self.device = device
         self.cache: dict[str, torch.Tensor] = {}
-        self.counts = {"encoded_items": 0, "visual_tokens_in": 0}
+        self.counts = {"encoded_items": 0}
 
     # -- the encoder cache -----------------------------------------------------------------------
     def retain(self, live_identifiers: set[str]) -> None:
@@ -103,7 +103,6 @@ class DraftVision:
                 mask[base + start:base + end] = True
             else:
                 mask[base + start:base + end] |= pos.is_embed[start:end]
-            self.counts["visual_tokens_in"] += e1 - e0
         if not embeds:
             return None
         return embeds, mask.to(self.device, non_blocking=True)

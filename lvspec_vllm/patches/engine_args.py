@@ -80,19 +80,28 @@ def _check_combination(engine_args: Any, spec_config: Any, lv_config: LVSpecConf
             f"--logprobs-mode {engine_args.logprobs_mode} would report logprobs from the logits "
             f"LVSpec rewrites to encode loose accepts. Use raw_logprobs or raw_logits, or "
             f"strict verification.")
-    if lv_config.needs_relevance() and engine_args.enable_prefix_caching is not False:
+    # what reads the target's attention, and how to turn it off
+    if lv_config.needs_relevance():
+        who, off = ("loose verification with 'anchor_identification'",
+                    "set 'anchor_identification': false")
+    else:
+        who, off = "'draft_pruning'", "set 'draft_pruning': false"
+    if lv_config.captures_attention() and engine_args.enable_prefix_caching is not False:
         raise LVSpecConfigError(
-            "loose verification with 'anchor_identification' reads the target's attention on "
-            "the video tokens, which prefix caching would skip: start vLLM with "
-            "--no-enable-prefix-caching (vllm.LLM: enable_prefix_caching=False), or set "
-            "'anchor_identification': false.")
-    if lv_config.needs_relevance() and _full_cuda_graphs_possible(engine_args):
+            f"{who} reads the target's attention on the video tokens, which prefix caching "
+            f"would skip: start vLLM with --no-enable-prefix-caching (vllm.LLM: "
+            f"enable_prefix_caching=False), or {off}.")
+    if lv_config.captures_attention() and _full_cuda_graphs_possible(engine_args):
         raise LVSpecConfigError(
-            "loose verification with 'anchor_identification' captures the target's attention "
-            "from Python at the attention call, which full CUDA graphs replay without: start "
-            "vLLM with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
-            "--enforce-eager, or set 'anchor_identification': false.")
+            f"{who} captures the target's attention from Python at the attention call, which "
+            f"full CUDA graphs replay without: start vLLM with --compilation-config "
+            f"'{{\"cudagraph_mode\": \"PIECEWISE\"}}' or --enforce-eager, or {off}.")
     draft = spec_config.draft_model_config
+    if lv_config.draft_pruning and (draft is None or not draft.is_multimodal_model):
+        raise LVSpecConfigError(
+            "LVSpec option 'draft_pruning' prunes the video tokens a video-aware draft sees; "
+            f"the draft {getattr(draft, 'model', None)!r} is text-only. Use a draft of the "
+            "target's family that takes videos, or set 'draft_pruning': false.")
     if draft is not None and draft.is_multimodal_model:
         from lvspec_vllm.drafter.compat import vl_draft_problem
 

@@ -45,11 +45,12 @@ class ModelRunnerInitPatch(Patch):
             raise RuntimeError(f"LVSpec: vLLM built a {type(self.drafter).__name__} drafter, "
                                f"expected its draft_model proposer")
         capture = None
-        if config.needs_relevance():
+        if config.captures_attention():
             from lvspec_vllm.patches import attention
             from lvspec_vllm.relevance.capture import RelevanceCapture
 
-            capture = RelevanceCapture(self, {})
+            capture = RelevanceCapture(self, {}, masses=config.needs_relevance(),
+                                       prompt_scores=config.draft_pruning)
             load_model = self.load_model  # the CPU runner overrides it: wrap the instance's
 
             def load_and_capture(*args, **kwargs):
@@ -57,6 +58,9 @@ class ModelRunnerInitPatch(Patch):
                 attention.install(self, capture, config.relevance_layers)
 
             self.load_model = load_and_capture
+        if config.draft_pruning:
+            self.drafter.enable_pruning(config.draft_keep_ratio, config.draft_stage1_share,
+                                        capture)
         self.rejection_sampler = LVSpecRejectionSampler(
             self.sampler, self.speculative_config, self.device, config, runner=self,
             relevance=capture)

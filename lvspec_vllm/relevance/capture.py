@@ -6,6 +6,10 @@ kept by sequence position (so chunked prefill, rejected drafts and recompute aft
 simply overwrite them), and for every row that verifies a draft this step the per-head visual mass is computed with ``reference.visual_mass`` and summed over heads
 and layers into a per-token buffer, in batch order. The rejection sampler reads that buffer.
 
+With ``draft_pruning`` it also scores the prompt for the draft (``prompt_scores``): the attention
+each key receives from the prompt's text rows after a visual token, SpecVLM's stage I. Pruning
+alone (no anchor identification) keeps a request's keys only until its prompt is prefilled.
+
 It reads keys it captured itself, never the KV cache: the CPU backend stores the cache in a
 packed, ISA-specific layout. Memory: 2 x num_kv_heads_per_rank x head_dim bytes (bf16) per
 token and selected layer, for every live request with visual input, freed when the request
@@ -19,7 +23,7 @@ import re
 
 import torch
 
-from lvspec_vllm.relevance.reference import visual_mass, visual_ranges
+from lvspec_vllm.relevance.reference import key_attention, visual_mass, visual_ranges
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -45,9 +49,14 @@ def select_layers(layer_names: list[str], spec: tuple) -> dict[str, int]:
 
 
 class RelevanceCapture:
-    def __init__(self, runner, layers: dict[str, int]):
+    def __init__(self, runner, layers: dict[str, int], masses: bool = True,
+                 prompt_scores: bool = False):
         self.runner = runner
         self.layers = layers
+        self.masses = masses  # per-row visual masses of verify rows (anchor identification)
+        # SpecVLM's stage I: {req_id: [positions] attention each key got from the prompt's text
+        # rows after the first visual token, summed over rows, heads and layers}
+        self.prompt_scores: dict[str, torch.Tensor] | None = {} if prompt_scores else None
         self.first_layer = min(layers.values()) if layers else None
         self._keys: dict[tuple[str, int], torch.Tensor] = {}
         self._plan: list[tuple] = []
@@ -62,6 +71,9 @@ class RelevanceCapture:
         live = self.runner.requests
         for key in [k for k in self._keys if k[0] not in live]:
             del self._keys[key]
+        if self.prompt_scores:
+            for req_id in [r for r in self.prompt_scores if r not in live]:
+                del self.prompt_scores[req_id]
         qsl = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
         batch = self.runner.input_batch
@@ -76,10 +88,14 @@ class RelevanceCapture:
             # The rows that verify drafts: the last sampled token's and every draft's but the
             # last. A request without drafts this step (prefill, or k = 0) needs no masses.
             verified = int(batch.num_tokens_no_spec[i]) - 1
-            rows = (max(verified - first_pos, 0), max(q_len - 1, 0))
+            rows = (max(verified - first_pos, 0), max(q_len - 1, 0)) if self.masses else (0, 0)
             visual = visual_ranges([f.mm_position for f in request.mm_features])
-            self._plan.append((req_id, qsl[i], q_len, first_pos, rows, visual))
-        self.mass_sum = torch.zeros(num_tokens, dtype=torch.float32, device=device)
+            self._plan.append((req_id, qsl[i], q_len, first_pos, rows, visual,
+                               request.num_prompt_tokens))
+            if first_pos == 0 and self.prompt_scores:
+                self.prompt_scores.pop(req_id, None)  # a (re)started prefill scores afresh
+        self.mass_sum = torch.zeros(num_tokens, dtype=torch.float32, device=device) \
+            if self.masses else None
 
     def observe(self, layer_name: str, query: torch.Tensor, key: torch.Tensor, attn_metadata,
                 scale: float, num_heads: int, num_kv_heads: int, head_size: int) -> None:
@@ -90,12 +106,20 @@ class RelevanceCapture:
         if layer == self.first_layer:
             self._begin_step(attn_metadata, n, query.device)
             self.heads = num_heads
-        for req_id, start, q_len, first_pos, (first_row, end_row), ranges in self._plan:
+        for req_id, start, q_len, first_pos, (first_row, end_row), ranges, prompt_len \
+                in self._plan:
             end_pos = first_pos + q_len
             if self.record is not None and layer == self.first_layer:
                 self.record.setdefault("steps", []).append((first_pos, q_len))
+            if not self.masses and first_pos >= prompt_len:
+                continue  # draft pruning alone needs the prompt's keys only
             store = self._store(req_id, layer, end_pos, k)
             store[first_pos:end_pos] = k[start:start + q_len]
+            if self.prompt_scores is not None and first_pos < prompt_len:
+                self._score_prompt(req_id, q[start:start + q_len], store[:end_pos], first_pos,
+                                   prompt_len, ranges, scale)
+                if not self.masses and end_pos >= prompt_len:
+                    del self._keys[(req_id, layer)]
             if first_row >= end_row:
                 continue
             visual = torch.zeros(end_pos, dtype=torch.bool, device=q.device)
@@ -108,6 +132,27 @@ class RelevanceCapture:
             if self.record is not None:
                 for i, m in enumerate(mass.mean(dim=-1).tolist()):
                     self.record.setdefault((req_id, first_pos + first_row + i), {})[layer] = m
+
+    def _score_prompt(self, req_id, q, keys, first_pos, prompt_len, ranges, scale) -> None:
+        """Stage-I scores: attention from this step's prompt text rows that follow a visual
+        token (the question about the video) to every earlier key."""
+        if not ranges.numel():
+            return
+        pos = torch.arange(first_pos, first_pos + q.shape[0])
+        text = (pos < prompt_len) & (pos > int(ranges[:, 0].min()))
+        for a, b in ranges.tolist():
+            text &= (pos < a) | (pos >= b)
+        if not text.any():
+            return
+        rows = text.nonzero().squeeze(1).to(q.device)
+        got = key_attention(q[rows], keys, (pos[text] + 1).to(q.device), scale)
+        acc = self.prompt_scores.get(req_id)
+        if acc is None or acc.numel() < got.numel():
+            grown = torch.zeros(got.numel(), dtype=torch.float32, device=got.device)
+            if acc is not None:
+                grown[:acc.numel()] = acc
+            acc = self.prompt_scores[req_id] = grown
+        acc[:got.numel()] += got
 
     def key_bytes(self) -> int:
         """Memory held for captured keys (all requests and layers of this rank)."""

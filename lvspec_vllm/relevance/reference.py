@@ -38,6 +38,23 @@ def visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
     return torch.exp(lse_vis - lse_all)  # exp(-inf) = 0 when no visual key
 
 
+def key_attention(query: torch.Tensor, keys: torch.Tensor, context_len: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """[N] float32: the attention weight each key receives, summed over R query rows and all
+    query heads (softmax over each row's causal context). SpecVLM's stage-I score of a video
+    token, from the prompt's text queries at prefill.
+
+    query [R, Hq, D], keys [N, Hkv, D] post-RoPE; context_len [R]: row r attends to [0, ctx_r).
+    """
+    R, Hq, D = query.shape
+    N, Hkv, _ = keys.shape
+    k = keys.float().repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.einsum("rhd,nhd->rhn", query.float(), k) * scale
+    causal = torch.arange(N, device=query.device)[None, :] < context_len[:, None].to(query.device)
+    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+
+
 def relevance_from_masses(masses: list[torch.Tensor]) -> torch.Tensor:
     """v_j: the mean over layers (list entries, each [R, Hq]) and query heads."""
     return torch.stack(masses).mean(dim=(0, 2))
