@@ -15,6 +15,18 @@ from __future__ import annotations
 import torch
 
 
+def _causal_scores(query: torch.Tensor, keys: torch.Tensor, context_len: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """[R, Hq, N] float32 scaled q.k of every row and key, -inf beyond each row's context (GQA:
+    query head h reads key head h // (Hq // Hkv))."""
+    Hq, Hkv = query.shape[1], keys.shape[1]
+    k = keys.float().repeat_interleave(Hq // Hkv, dim=1)             # [N, Hq, D]
+    scores = torch.einsum("rhd,nhd->rhn", query.float(), k) * scale  # [R, Hq, N]
+    pos = torch.arange(keys.shape[0], device=query.device)
+    causal = pos[None, :] < context_len[:, None].to(query.device)   # [R, N]
+    return scores.masked_fill(~causal[:, None, :], float("-inf"))
+
+
 def visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
                 context_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Per-head visual attention mass of R query rows of one request.
@@ -25,13 +37,7 @@ def visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
     context_len  [R] int     row r attends to positions [0, context_len[r]) (causal)
     returns      [R, Hq] float32; 0 where no visual key is in context
     """
-    R, Hq, D = query.shape
-    N, Hkv, _ = keys.shape
-    k = keys.float().repeat_interleave(Hq // Hkv, dim=1)             # [N, Hq, D]
-    scores = torch.einsum("rhd,nhd->rhn", query.float(), k) * scale  # [R, Hq, N]
-    pos = torch.arange(N, device=query.device)
-    causal = pos[None, :] < context_len[:, None].to(query.device)   # [R, N]
-    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
+    scores = _causal_scores(query, keys, context_len, scale)
     lse_all = torch.logsumexp(scores, dim=-1)
     vis_scores = scores.masked_fill(~visual.to(query.device)[None, None, :], float("-inf"))
     lse_vis = torch.logsumexp(vis_scores, dim=-1)
@@ -46,13 +52,7 @@ def key_attention(query: torch.Tensor, keys: torch.Tensor, context_len: torch.Te
 
     query [R, Hq, D], keys [N, Hkv, D] post-RoPE; context_len [R]: row r attends to [0, ctx_r).
     """
-    R, Hq, D = query.shape
-    N, Hkv, _ = keys.shape
-    k = keys.float().repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.einsum("rhd,nhd->rhn", query.float(), k) * scale
-    causal = torch.arange(N, device=query.device)[None, :] < context_len[:, None].to(query.device)
-    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+    return torch.softmax(_causal_scores(query, keys, context_len, scale), dim=-1).sum(dim=(0, 1))
 
 
 def relevance_from_masses(masses: list[torch.Tensor]) -> torch.Tensor:
