@@ -57,6 +57,7 @@ class LVSpecDrafter(DraftModelProposer):
         self.pruning: tuple[float, float] | None = None
         self.prompt_attention = None  # the target's RelevanceCapture, for stage-I scores
         self._pruned: dict[str, dict[int, torch.Tensor]] = {}
+        self._pruned_sorted: dict[str, torch.Tensor] = {}  # per request, all items, merged
 
     @property
     def sees_video(self) -> bool:
@@ -142,9 +143,11 @@ class LVSpecDrafter(DraftModelProposer):
         keep_ratio, share = self.pruning
         decided = self._pruned.setdefault(req_id, {})
         scores = (self.prompt_attention.prompt_scores or {}).get(req_id)
+        changed = False
         for i, f in enumerate(state.mm_features):
             if not first <= f.mm_position.offset < end:
                 continue
+            changed = True
             runs = visual_ranges([f.mm_position])
             pos = torch.cat([torch.arange(a, b) for a, b in runs.tolist()])
             item = None
@@ -157,6 +160,8 @@ class LVSpecDrafter(DraftModelProposer):
             decided[i] = pos[~kept]
             self._counts["pruned_items_scored" if item is not None
                          else "pruned_items_unscored"] += 1
+        if changed:  # merged once per decision, not on every decode step
+            self._pruned_sorted[req_id] = torch.cat(list(decided.values())).sort().values
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         # every rank scores with its own heads; all must keep the same tokens
@@ -175,14 +180,14 @@ class LVSpecDrafter(DraftModelProposer):
         req_ids = runner.input_batch.req_ids[:cad.batch_size()]
         for gone in [r for r in self._pruned if r not in runner.requests]:
             del self._pruned[gone]
+            self._pruned_sorted.pop(gone, None)
         qsl = cad.query_start_loc_cpu.tolist()
         for r, req_id in enumerate(req_ids):
             state = runner.requests[req_id]
             if state.mm_features:
                 first = state.num_computed_tokens
                 self._decide_pruning(req_id, state, first, first + qsl[r + 1] - qsl[r])
-        pruned = [torch.cat(list(d.values())).sort().values if (d := self._pruned.get(r))
-                  else None for r in req_ids]
+        pruned = [self._pruned_sorted.get(r) for r in req_ids]
         if all(p is None or p.numel() == 0 for p in pruned):
             return num_tokens, tis, new_cad
         seq_pos = self.positions[:num_tokens].cpu()
