@@ -53,7 +53,7 @@ GAUGES = {
 # the video-aware draft's own counts, cumulative (published beside the gauges)
 DRAFT_COUNTERS = {
     "lvspec:draft_visual_tokens": "Image and video tokens the video-aware draft processed.",
-    "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning kept from the draft.",
+    "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning withheld from the draft.",
 }
 
 
