@@ -54,6 +54,8 @@ GAUGES = {
 DRAFT_COUNTERS = {
     "lvspec:draft_visual_tokens": "Image and video tokens the video-aware draft processed.",
     "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning withheld from the draft.",
+    "lvspec:draft_seconds": "Time the draft model spent proposing (its vision encoder and "
+                            "forward passes), seconds.",
 }
 
 

@@ -272,7 +272,7 @@ class LVSpecRejectionSampler(RejectionSampler):
         if self._publisher is not None:
             self._publisher.publish(self.counts, self.gauges())
 
-    def gauges(self) -> dict[str, int]:
+    def gauges(self) -> dict[str, float]:
         keys = self.relevance.key_bytes() if self.relevance is not None else 0
         drafter = getattr(self.runner, "drafter", None)
         draft_cache = drafter.cache_bytes() if hasattr(drafter, "cache_bytes") else 0
@@ -280,7 +280,8 @@ class LVSpecRejectionSampler(RejectionSampler):
         return {"live_request_states": len(self.states), "captured_key_bytes": keys,
                 "draft_encoder_cache_bytes": draft_cache,
                 "draft_visual_tokens": drafted.get("visual_tokens_in", 0),
-                "draft_pruned_visual_tokens": drafted.get("pruned_visual_tokens", 0)}
+                "draft_pruned_visual_tokens": drafted.get("pruned_visual_tokens", 0),
+                "draft_seconds": drafted.get("draft_us", 0) / 1e6}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

@@ -35,12 +35,46 @@ def test_bench_reports_modes_side_by_side(tiny_models, tmp_path):
         accepted = run["metrics"]["vllm:spec_decode_num_accepted_tokens"]
         assert sum(r["accepts"].values()) == accepted
     assert rows["strict"]["accepts"]["plausible"] == rows["strict"]["accepts"]["semantic"] == 0
+    for mode in ("strict", "no-id"):  # the draft's own clock ran, inside the run's wall time
+        assert rows[mode]["draft_ms_per_step"] > 0 and 0 < rows[mode]["draft_share"] < 1
+        assert rows[mode]["video_tokens"] == 16 and rows[mode]["draft_visual_tokens"] == 0
     # No identification: nothing is flagged as an anchor, so precision is undefined.
     assert rows["no-id"]["identification_precision"] is None
     md = (out / "results.md").read_text()
     assert all(f"| {m} |" in md for m in rows)
     for png in ("accepted_length.png", "fidelity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_lengthens_the_videos_for_the_draft_cost(tiny_models, tmp_path):
+    """--frames 16 --upscale 2: 16 -> 128 tokens per video, and the video-aware draft sees all."""
+    out = tmp_path / "long"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.cli", "offline", "--target",
+         str(tiny_models / "qwen25vl"), "--draft", str(tiny_models / "qwen25vl_vl_aligned"),
+         "--modes", "strict", "--n", "2", "--max-tokens", "4", "--frames", "16", "--upscale", "2",
+         "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((out / "results.json").read_text())["modes"]["strict"]
+    assert row["video_tokens"] == 128
+    assert row["draft_visual_tokens"] == 2 * 128
+    assert row["acceptance_rate"] == 1.0  # the target's own weights, seeing the long video
+    assert "looped to 16 frames, enlarged 2x" in (out / "results.md").read_text()
+
+
+def test_lengthen_loops_frames_and_repeats_pixels():
+    import numpy as np
+
+    from lvspec_vllm.bench.world_run import lengthen, long_metadata
+
+    clip = np.random.default_rng(0).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8)
+    long = lengthen(clip, 20, 3)
+    assert long.shape == (20, 168, 168, 3)
+    assert (long[8:16] == long[:8]).all() and (long[16:] == long[:4]).all()
+    assert (long[:8, ::3, ::3] == clip).all() and (long[:8, 2::3, 1::3] == clip).all()
+    meta = long_metadata(20)
+    assert meta["total_num_frames"] == 20 and meta["frames_indices"] == list(range(20))
+    assert meta["duration"] == 10.0
 
 
 def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):

@@ -41,6 +41,7 @@ def test_a_draft_that_sees_the_video_is_accepted_everywhere(runs, family):
     assert w["drafter"] == "LVSpecDrafter"
     assert w["drafter_encoded_items"] == len(base["outputs"])
     assert w["drafter_visual_tokens_in"] > 0
+    assert w["drafter_draft_us"] > 0  # its own clock ran
     assert _acceptance(seeing) == 1.0
     assert _acceptance(blind) < 0.9
 

@@ -1,7 +1,8 @@
 """lvspec-bench: speculative decoding modes side by side on the world's held-out videos.
 
     lvspec-bench offline --target DIR --draft DIR [--modes none,strict,lvspec,no-id,no-shift,
-                 no-semantic] [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON] --out DIR
+                 no-semantic] [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON]
+                 [--frames F --upscale U] --out DIR
     lvspec-bench serve ...   (throughput against `vllm serve` per concurrency: see
                               lvspec_vllm/bench/serve_sweep.py or `lvspec-bench serve -h`)
 
@@ -17,7 +18,11 @@ Reported:
 - attribute accuracy against the ground truth;
 - anchor identification precision and recall against the labelled anchor words (rows the
   verifier reached, target token labelled an anchor vs. flagged by the relevance test);
-- the verifier's accepts by rule and rejections by reason.
+- the verifier's accepts by rule and rejections by reason;
+- the draft's cost: milliseconds in the drafter per engine step (its encoder and forward passes,
+  the drafter's own clock) and that time's share of the run, with the visual tokens it processed.
+  ``--frames`` and ``--upscale`` lengthen every clip (looped, enlarged) to see the cost grow with
+  the video.
 
 Writes results.json, results.md and PNG plots (accepted length, fidelity) into --out.
 """
@@ -62,6 +67,7 @@ def summarise(runs: dict[str, dict]) -> dict[str, dict]:
             "tokens_per_s": r["output_tokens"] / r["elapsed_s"],
             "output_tokens": r["output_tokens"],
             "accuracy": evaluate.accuracy(truth, parsed),
+            "video_tokens": r.get("video_tokens"),
         }
         if base is not None:
             ref = [language.parse_caption(t) for t in base["texts"]]
@@ -72,6 +78,11 @@ def summarise(runs: dict[str, dict]) -> dict[str, dict]:
             pos = [sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
                    for a, b in zip(base["token_ids"], r["token_ids"])]
             row["token_agreement"] = sum(pos) / len(pos)
+        if w.get("drafter_propose_calls"):
+            # the draft's own clock (drafter/timing.py), per engine step and as a share of the run
+            row["draft_ms_per_step"] = w["drafter_draft_us"] / 1e3 / w["drafter_propose_calls"]
+            row["draft_share"] = w["drafter_draft_us"] / 1e6 / r["elapsed_s"]
+            row["draft_visual_tokens"] = w.get("drafter_visual_tokens_in", 0)
         if w:
             row["identification_precision"] = _ratio(w.get("labelled_anchor_rows", 0),
                                                      w.get("anchor_rows", 0))
@@ -104,6 +115,12 @@ def markdown(rows: dict[str, dict], header: str) -> str:
             f"{_fmt(r.get('token_agreement'), True)} | "
             f"{_fmt(r.get('identification_precision'), True)} | "
             f"{_fmt(r.get('identification_recall'), True)} |")
+    lines += ["", "| mode | video tokens | draft ms/step | draft share of run time | "
+              "visual tokens the draft processed |", "|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        if "draft_ms_per_step" in r:
+            lines.append(f"| {mode} | {r['video_tokens']} | {r['draft_ms_per_step']:.2f} | "
+                         f"{_fmt(r['draft_share'], True)} | {r['draft_visual_tokens']} |")
     lines += ["", "| mode | " + " | ".join(RULES) + " | " +
               " | ".join(k.removeprefix("rejected_") for k in REJECTIONS) + " |",
               "|---" * (1 + len(RULES) + len(REJECTIONS)) + "|"]
@@ -160,6 +177,9 @@ def main(argv=None) -> None:
     off.add_argument("--max-num-seqs", type=int, default=8)
     off.add_argument("--lvspec-options", default="{}")
     off.add_argument("--dtype", default="float32")
+    off.add_argument("--frames", type=int, default=None,
+                     help="loop each clip to this many frames (the draft's cost on long videos)")
+    off.add_argument("--upscale", type=int, default=1, help="and enlarge each frame this much")
     off.add_argument("--out", type=Path, required=True)
     off.add_argument("--reuse", action="store_true",
                      help="keep run-<mode>.json files already in --out (report again)")
@@ -200,7 +220,8 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "lvspec_vllm.bench.world_run", "--target", args.target,
                "--draft", args.draft, "--mode", mode, "--k", str(args.k), "--n", str(args.n),
                "--max-tokens", str(args.max_tokens), "--max-num-seqs", str(args.max_num_seqs),
-               "--lvspec-options", args.lvspec_options, "--dtype", args.dtype, "--out", str(path)]
+               "--lvspec-options", args.lvspec_options, "--dtype", args.dtype, "--out", str(path),
+               "--upscale", str(args.upscale)] + (["--frames", str(args.frames)] if args.frames else [])
         with open(args.out / f"run-{mode}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
@@ -210,8 +231,10 @@ def main(argv=None) -> None:
         print(f"[lvspec-bench]   done in {time.time() - t0:.0f}s: "
               f"{runs[mode]['output_tokens'] / runs[mode]['elapsed_s']:.1f} tokens/s", flush=True)
     rows = summarise(runs)
+    shape = "" if not (args.frames or args.upscale > 1) else \
+        f" (looped to {args.frames or 'the same'} frames, enlarged {args.upscale}x)"
     header = (f"target `{args.target}`, draft `{args.draft}`, k={args.k}, {args.n} held-out "
-              f"videos, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, greedy")
+              f"videos{shape}, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, greedy")
     md = markdown(rows, header)
     (args.out / "results.json").write_text(json.dumps(
         {"config": vars(args) | {"out": str(args.out)}, "modes": rows}, indent=1))

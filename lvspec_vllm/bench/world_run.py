@@ -37,6 +37,24 @@ def anchor_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def lengthen(video, frames: int, upscale: int):
+    """A longer, larger clip for cost measurements: the frames looped to ``frames`` and each
+    pixel repeated ``upscale`` times per side. The scene is the same, its token count grows by
+    frames / FRAMES x upscale^2; the trained pair never saw such clips (acceptance is off-
+    distribution, cost is what this is for)."""
+    import numpy as np
+
+    idx = np.arange(frames) % video.shape[0]
+    return video[idx].repeat(upscale, axis=1).repeat(upscale, axis=2)
+
+
+def long_metadata(frames: int) -> dict:
+    from lvspec_vllm.world import scenes
+
+    return {**scenes.video_metadata(), "total_num_frames": frames,
+            "duration": frames / scenes.FPS, "frames_indices": list(range(frames))}
+
+
 def _metric_values(llm) -> dict:
     out = {}
     for m in llm.get_metrics():
@@ -67,6 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="loop each clip to this many frames (draft cost on long videos)")
+    ap.add_argument("--upscale", type=int, default=1, help="and enlarge each frame this much")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -86,7 +107,11 @@ def main(argv=None) -> None:
 
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=args.target, dtype=args.dtype, max_model_len=1024, seed=0,
+    frames = args.frames or scenes.FRAMES
+    video_tokens = data.video_tokens() * frames // scenes.FRAMES * args.upscale ** 2
+    max_len = max(1024, video_tokens + 256)
+    kwargs = dict(model=args.target, dtype=args.dtype, max_model_len=max_len, seed=0,
+                  max_num_batched_tokens=max(2048, max_len),
                   max_num_seqs=args.max_num_seqs, enforce_eager=True, disable_log_stats=False,
                   limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False)
     options = MODES[args.mode]
@@ -100,9 +125,12 @@ def main(argv=None) -> None:
     llm = LLM(**kwargs)
     held = data.held_out(args.n)
     prompt = data.chat_prompt("Describe this video.")
-    requests = [{"prompt": prompt,
-                 "multi_modal_data": {"video": (scenes.render(s), scenes.video_metadata())}}
-                for s in held]
+    if frames == scenes.FRAMES and args.upscale == 1:
+        videos = [(scenes.render(s), scenes.video_metadata()) for s in held]
+    else:
+        videos = [(lengthen(scenes.render(s), frames, args.upscale), long_metadata(frames))
+                  for s in held]
+    requests = [{"prompt": prompt, "multi_modal_data": {"video": v}} for v in videos]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     llm.generate(requests[:WARMUP_REQUESTS], params, use_tqdm=False)
 
@@ -118,6 +146,7 @@ def main(argv=None) -> None:
     w1 = llm.collective_rpc(worker_report)[0] if spec else {}
     result = {
         "mode": args.mode, "k": args.k if spec else 0, "n": args.n,
+        "video_tokens": video_tokens,
         "speculative_config": kwargs.get("speculative_config"),
         "texts": [o.outputs[0].text for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],

@@ -11,6 +11,9 @@ two additions:
 * **Pruning (SpecVLM, opt-in).** The draft keeps a share of each video's tokens, chosen from the
   target's prefill attention, and runs on a compacted copy of the request's sequence
   (``pruning.py``; ``_decide_pruning``, ``_drop_pruned``).
+* **Its own clock.** ``counts["draft_us"]`` is the time spent in ``propose`` (the draft's
+  encoder and forward passes), CUDA events on a GPU so the step never waits for it
+  (``timing.py``).
 * **k from the scheduler.** The per-step k comes from vLLM's scheduler
   (``num_speculative_tokens_per_batch_size``, or auto_k). At k = 0 vLLM's proposer still runs one
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
@@ -28,11 +31,13 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from lvspec_vllm.drafter.compat import proposer_hook_problems
 from lvspec_vllm.drafter.positions import draft_mrope_positions
+from lvspec_vllm.drafter.timing import StepTimer
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
 DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipped_passes",
                     "proposed_tokens", "visual_tokens_in", "pruned_visual_tokens",
-                    "pruned_items_scored", "pruned_items_unscored", "encoded_items")
+                    "pruned_items_scored", "pruned_items_unscored", "encoded_items", "draft_us")
+_DERIVED = ("encoded_items", "draft_us")  # read from the encoder cache and the timer
 
 
 class LVSpecDrafter(DraftModelProposer):
@@ -41,7 +46,8 @@ class LVSpecDrafter(DraftModelProposer):
         self.runner = runner  # the draft's visual inputs come from the runner's request states
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size
         self.never_drafts = bool(schedule) and max(entry[-1] for entry in schedule) == 0
-        self._counts = dict.fromkeys(DRAFTER_COUNTERS[:-1], 0)
+        self._counts = dict.fromkeys((c for c in DRAFTER_COUNTERS if c not in _DERIVED), 0)
+        self.timer = StepTimer(device)
         self.vision: DraftVision | None = None
         if self.sees_video and (problems := proposer_hook_problems(DraftModelProposer)):
             raise RuntimeError("LVSpec's video-aware drafter does not fit this vLLM's draft "
@@ -67,7 +73,8 @@ class LVSpecDrafter(DraftModelProposer):
     @property
     def counts(self) -> dict[str, int]:
         vision = self.vision.counts if self.vision is not None else {}
-        return {**self._counts, "encoded_items": vision.get("encoded_items", 0)}
+        return {**self._counts, "encoded_items": vision.get("encoded_items", 0),
+                "draft_us": self.timer.total_us()}
 
     def enable_pruning(self, keep_ratio: float, stage1_share: float, prompt_attention) -> None:
         """SpecVLM's pruning of the draft's video tokens (``pruning.py``)."""
@@ -105,7 +112,8 @@ class LVSpecDrafter(DraftModelProposer):
         else:
             c["drafting_passes"] += 1
             c["proposed_tokens"] += num_speculative_tokens * cad.batch_size()
-        return super().propose(num_speculative_tokens, *args, **kwargs)
+        with self.timer:
+            return super().propose(num_speculative_tokens, *args, **kwargs)
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions,
                               target_hidden_states, token_indices_to_sample, cad,
