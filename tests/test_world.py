@@ -55,6 +55,33 @@ def test_render_matches_the_truth(scene):
         assert np.sign(last[0] - first[0]) == dx and np.sign(last[1] - first[1]) == dy
 
 
+@pytest.mark.parametrize("scene", [s for s in _scenes(400, seed=8)
+                                   if len(s.objects) == 1 and s.objects[0].shape == "square"])
+def test_streak_trails_behind_the_head(scene):
+    """Each frame shows the direction: the square's colour, dimmed, just behind its head, and
+    plain background just ahead of it."""
+    (o,) = scene.objects
+    video = scenes.render(scene).astype(float)
+    bg = np.array(scenes.BACKGROUNDS[scene.background], float)
+    colour = np.array(scenes.COLOURS[o.colour], float)
+    dx, dy = scenes.DIRECTIONS[o.direction]
+    seen = [f for f in range(scenes.FRAMES) if o.visible(f)]
+    for f in seen[1:]:
+        x, y = o.corner(f)
+        mid = scenes.OBJECT // 2
+        # One pixel past the trailing and the leading edge, on the square's middle line.
+        if dx:
+            behind = (y + mid, x - 1 if dx > 0 else x + scenes.OBJECT)
+            ahead = (y + mid, x + scenes.OBJECT if dx > 0 else x - 1)
+        else:
+            behind = (y - 1 if dy > 0 else y + scenes.OBJECT, x + mid)
+            ahead = (y + scenes.OBJECT if dy > 0 else y - 1, x + mid)
+        share = (video[f][behind] - bg) @ (colour - bg) / ((colour - bg) @ (colour - bg))
+        assert 0.3 < share < 0.95, (f, share)
+        if all(0 <= c < scenes.SIZE for c in ahead):
+            assert (video[f][ahead] == bg).all()
+
+
 @pytest.mark.parametrize("seed", range(400))
 def test_caption_states_the_truth_and_parses_back(seed):
     rng = random.Random(seed)

@@ -27,7 +27,7 @@ from . import data, evaluate, models
 def default_root() -> Path:
     root = os.environ.get("LVSPEC_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lvspec_vllm")
-    return Path(root) / "world-v2"
+    return Path(root) / "world-v3"
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("role", choices=sorted([*models.SIZES, *models.TEXT_ONLY]))
-    ap.add_argument("--out", type=Path, help="default: <cache>/world-v2/<role>")
+    ap.add_argument("--out", type=Path, help="default: <cache>/world-v3/<role>")
     ap.add_argument("--steps", type=int, default=20000, help="total steps of the LR schedule")
     ap.add_argument("--stop-at", type=int, help="stop (resumably) after this step")
     ap.add_argument("--batch", type=int, default=32)
