@@ -5,6 +5,8 @@
                  [--frames F --upscale U] --out DIR
     lvspec-bench serve ...   (throughput against `vllm serve` per concurrency: see
                               lvspec_vllm/bench/serve_sweep.py or `lvspec-bench serve -h`)
+    lvspec-bench project RUN.json ...   (speedup on one GPU from measured acceptance and a
+                              roofline model: lvspec_vllm/bench/projection.py)
 
 Offline, each mode runs in its own vllm.LLM process (``lvspec_vllm.bench.world_run``), one after
 the other on the same machine, with the same requests (greedy, one held-out video each).
@@ -198,7 +200,21 @@ def main(argv=None) -> None:
     srv.add_argument("--ramp", action="store_true", help="levels up, then back down")
     srv.add_argument("--out", type=Path, required=True)
     srv.add_argument("--reuse", action="store_true")
+    from lvspec_vllm.bench import projection
+
+    prj = sub.add_parser("project", help="speedup on one GPU from measured acceptance and a "
+                         "roofline cost model (lvspec_vllm/bench/projection.py)")
+    prj.add_argument("runs", nargs="+", help="run-<mode>.json files of lvspec-bench offline")
+    prj.add_argument("--label", action="append", help="one per run, in order")
+    prj.add_argument("--gpu", choices=sorted(projection.GPUS), default="h100-sxm")
+    prj.add_argument("--pair", choices=sorted(projection.PAIRS), default="qwen2.5-vl-32b")
+    prj.add_argument("--weight-bytes", type=float, default=1.0, help="1: FP8, 2: bf16")
+    prj.add_argument("--context", type=int, default=8192, help="tokens per request")
+    prj.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")],
+                     default=[1, 4, 16, 64])
     args = ap.parse_args(argv)
+    if args.command == "project":
+        return projection.main(args)
     if args.command == "serve":
         from lvspec_vllm.bench import serve_sweep
 
