@@ -52,14 +52,27 @@ def test_bench_lengthens_the_videos_for_the_draft_cost(tiny_models, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lvspec_vllm.bench.cli", "offline", "--target",
          str(tiny_models / "qwen25vl"), "--draft", str(tiny_models / "qwen25vl_vl_aligned"),
-         "--modes", "strict", "--n", "2", "--max-tokens", "4", "--frames", "16", "--upscale", "2",
+         "--modes", "strict", "--n", "2", "--skip", "5", "--max-tokens", "4",
+         "--frames", "16", "--upscale", "2",
          "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads((out / "results.json").read_text())["modes"]["strict"]
     assert row["video_tokens"] == 128
     assert row["draft_visual_tokens"] == 2 * 128
     assert row["acceptance_rate"] == 1.0  # the target's own weights, seeing the long video
-    assert "looped to 16 frames, enlarged 2x" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "2 held-out videos after the first 5 (looped to 16 frames, enlarged 2x)" in md
+    run = json.loads((out / "run-strict.json").read_text())
+    assert run["skip"] == 5 and len(run["texts"]) == 2
+
+
+def test_runs_over_different_videos_are_not_compared():
+    from lvspec_vllm.bench.cli import summarise
+
+    run = {"n": 4, "skip": 0, "k": 0, "texts": [""] * 4, "token_ids": [[]] * 4,
+           "output_tokens": 0, "elapsed_s": 1.0, "metrics": {}}
+    with pytest.raises(ValueError, match="different videos"):
+        summarise({"none": run, "strict": {**run, "skip": 4}})
 
 
 def test_lengthen_loops_frames_and_repeats_pixels():
