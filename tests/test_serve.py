@@ -52,6 +52,7 @@ def test_serve_answers_a_video_chat_and_counts_spec_decode(tiny_models, tmp_path
     assert lv["lvspec:draft_tokens_total"] == after_text["vllm:spec_decode_num_draft_tokens_total"]
     assert lv["lvspec:accepted_tokens_total"] == after_text[accepted]  # strict: all "exact"
     assert lv["lvspec:verify_steps_total"] > 0
+    assert lv["lvspec:draft_seconds_total"] > 0  # the draft's own clock reached /metrics
 
 
 def test_serve_refuses_bad_lvspec_option_at_startup(tiny_models, tmp_path):
