@@ -9,8 +9,8 @@ measured (no GPU runs vLLM here); they come from this stated model, whose every 
 
 One decode step at batch B with k draft tokens per request:
 
-    T(B, k)    = T_t(B, B * (k + 1)) + passes(k) * T_d(B, B)     passes(k) = max(k, 1); T(B, 0)
-                                                                 is decoding without speculation
+    T(B, k)    = T_t(B, B * (k + 1)) + k * T_d(B, B)      k draft forwards; T(B, 0) is decoding
+                                                         without speculation (no draft at all)
     T_m(B, N)  = max(bytes_m / (BW * eta_mem), flops_m / (FLOPS * eta_flops))   N rows, model m
     bytes_m    = weights read per forward + B * context * KV bytes per token
     flops_m    = N * (2 * params + 4 * layers * context * attention width)
