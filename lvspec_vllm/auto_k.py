@@ -10,8 +10,9 @@ Goodput of drafting k tokens per request at batch size B::
 before it were (pooled over requests, decaying, starting from a prior). The step time has a
 fixed part ``a``, the target's cost per scheduled token ``b`` (N tokens: B * (k + 1) in decode;
 the fit sees prefill chunks too), and ``p(k)``
-draft forwards (k of them; one at k = 0, which only keeps the draft's KV cache in step) of
-``c + d * B`` each. ``a, b, c, d`` are fitted by least squares to the step times the engine
+draft forwards of ``c + d * B`` each: k of them, and at k = 0 one that only keeps the draft's KV
+cache in step, unless the drafter defers it (``draft_catch_up``, then p(0) = 0 and the tokens are
+caught up inside a later pass). ``a, b, c, d`` are fitted by least squares to the step times the engine
 measures (``StepCostModel``); the chosen k maximises G (ties to the smaller k). k = 0 wins when
 drafting cannot pay: then no token is drafted or verified beyond the normal decode.
 
@@ -36,8 +37,10 @@ def expected_tokens(alpha, k: int) -> float:
     return e
 
 
-def draft_passes(k):
-    return np.maximum(k, 1)
+def draft_passes(k, k0_pass: bool = True):
+    """Draft forwards in a step that drafts k tokens (one at k = 0 if that step keeps the
+    draft's KV cache in step)."""
+    return np.maximum(k, 1 if k0_pass else 0)
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,11 @@ class Costs:
     b: float
     c: float
     d: float
+    k0_pass: bool = True  # a k = 0 step runs a draft forward
 
     def step_time(self, batch, k):
-        return self.a + self.b * batch * (k + 1) + draft_passes(k) * (self.c + self.d * batch)
+        return self.a + self.b * batch * (k + 1) + \
+            draft_passes(k, self.k0_pass) * (self.c + self.d * batch)
 
 
 def goodput_table(alpha, costs: Costs, max_batch: int, k_max: int) -> np.ndarray:
@@ -96,9 +101,10 @@ class AcceptanceProfile:
 class StepCostModel:
     """Least-squares fit of ``Costs`` to measured (batch, k, seconds), over a sliding window."""
 
-    def __init__(self, window: int = 512, min_samples: int = 24):
+    def __init__(self, window: int = 512, min_samples: int = 24, k0_pass: bool = True):
         self.samples: collections.deque = collections.deque(maxlen=window)
         self.min_samples = min_samples
+        self.k0_pass = k0_pass
 
     def add(self, batch: int, k: int, tokens: int, seconds: float) -> None:
         """One step: running requests, k drafted, tokens the target computed, wall seconds."""
@@ -110,7 +116,7 @@ class StepCostModel:
             return None
         s = np.array(self.samples, dtype=float)
         batch, k, tokens, t = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
-        p = draft_passes(k)
+        p = draft_passes(k, self.k0_pass)
         x = np.stack([np.ones_like(batch), tokens, p, p * batch], axis=1)
         if np.linalg.matrix_rank(x) < 4:
             return None
@@ -123,7 +129,7 @@ class StepCostModel:
                 coef[active] = sol
                 break
             active = [a for a, v in zip(active, sol) if v > 0] or []
-        return Costs(*map(float, coef))
+        return Costs(*map(float, coef), k0_pass=self.k0_pass)
 
 
 class AutoK:
@@ -135,11 +141,11 @@ class AutoK:
     """
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
-                 calibration_steps: int = 48):
+                 calibration_steps: int = 48, k0_pass: bool = True):
         self.k_max = k_max
         self.max_batch = max_batch
         self.profile = AcceptanceProfile(k_max)
-        self.costs = StepCostModel()
+        self.costs = StepCostModel(k0_pass=k0_pass)
         self.explore_every = explore_every
         self.calibration_steps = calibration_steps
         ks = sorted({0, 1, max(1, k_max // 2), k_max})

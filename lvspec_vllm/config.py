@@ -93,6 +93,11 @@ class LVSpecConfig:
                                "size, the measured acceptance per position and the measured step "
                                "costs (a goodput model). Excludes "
                                "num_speculative_tokens_per_batch_size.")
+    draft_catch_up: bool = _opt(True, "In a step with k = 0 (auto_k or a schedule), decoding "
+                                      "requests skip the draft's forward; the draft catches up "
+                                      "on their tokens in one pass the next time it runs for them, "
+                                      "at the latest when a KV block fills. false: vLLM's "
+                                      "behaviour, a draft forward every step.")
 
     # ------------------------------------------------------------------------------------------
     @classmethod

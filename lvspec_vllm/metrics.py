@@ -29,7 +29,7 @@ import torch
 
 ENV = "LVSPEC_METRICS_DIR"
 _RAY_COPY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
-_PUBLISH_INTERVAL_S = 0.5
+PUBLISH_INTERVAL_S = 0.5
 
 # counter slot -> (metric, label value); slots are lvspec_vllm.sampler.COUNTERS
 METRICS = {
@@ -56,6 +56,9 @@ DRAFT_COUNTERS = {
     "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning withheld from the draft.",
     "lvspec:draft_seconds": "Time the draft model spent proposing (its vision encoder and "
                             "forward passes), seconds.",
+    "lvspec:draft_skipped_steps": "Steps with k = 0 in which the draft ran no forward at all.",
+    "lvspec:draft_deferred_tokens": "Tokens whose draft pass waited at k = 0 (draft_catch_up).",
+    "lvspec:draft_caught_up_tokens": "Deferred tokens the draft processed when it next ran.",
 }
 
 
@@ -88,7 +91,7 @@ class MetricsPublisher:
 
     def _run(self) -> None:
         last = None
-        while not self._stop.wait(_PUBLISH_INTERVAL_S):
+        while not self._stop.wait(PUBLISH_INTERVAL_S):
             snapshot = {**dict(zip(self.names, self._host.tolist())), **self._gauges}
             if snapshot != last:
                 tmp = self.path.with_suffix(".tmp")

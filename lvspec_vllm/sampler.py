@@ -82,6 +82,7 @@ class LVSpecRejectionSampler(RejectionSampler):
         self._decision: tuple | None = None
         self._last_log = time.monotonic()
         self._publisher = None
+        self._last_publish = 0.0
         # Anchor decisions on the rows each step reached, for requests that identify anchors.
         self.identification = dict.fromkeys(
             ("scored_rows", "anchor_rows", "labelled_rows", "labelled_anchor_rows"), 0)
@@ -271,6 +272,15 @@ class LVSpecRejectionSampler(RejectionSampler):
         self.counts += delta
         if self._publisher is not None:
             self._publisher.publish(self.counts, self.gauges())
+            self._last_publish = time.monotonic()
+
+    def publish_between_verify_steps(self) -> None:
+        """Called by the drafter in steps that verify nothing (k = 0), whose gauges still move;
+        at most once per publish interval."""
+        now = time.monotonic()
+        if self._publisher is not None and now - self._last_publish >= metrics.PUBLISH_INTERVAL_S:
+            self._last_publish = now
+            self._publisher.publish(self.counts, self.gauges())
 
     def gauges(self) -> dict[str, float]:
         keys = self.relevance.key_bytes() if self.relevance is not None else 0
@@ -281,7 +291,10 @@ class LVSpecRejectionSampler(RejectionSampler):
                 "draft_encoder_cache_bytes": draft_cache,
                 "draft_visual_tokens": drafted.get("visual_tokens_in", 0),
                 "draft_pruned_visual_tokens": drafted.get("pruned_visual_tokens", 0),
-                "draft_seconds": drafted.get("draft_us", 0) / 1e6}
+                "draft_seconds": drafted.get("draft_us", 0) / 1e6,
+                "draft_skipped_steps": drafted.get("skipped_passes", 0),
+                "draft_deferred_tokens": drafted.get("deferred_tokens", 0),
+                "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0)}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

@@ -41,6 +41,34 @@ def test_k_zero_when_drafting_cannot_pay():
     assert set(choose_k(alpha, costs, 32, 8)[1:]) == {0}
 
 
+def test_a_deferred_k0_pass_makes_no_speculation_the_choice_when_the_draft_is_dear():
+    # Drafts are accepted half the time and a draft forward costs as much as the target's whole
+    # step. If k = 0 must still run that forward, verifying one draft is nearly free and k = 1
+    # wins; when the drafter defers it (draft_catch_up), k = 0 costs what no speculation costs.
+    alpha = [0.5] * 4
+    eager = Costs(a=0.01, b=1e-3, c=0.03, d=1e-3)
+    deferred = Costs(a=0.01, b=1e-3, c=0.03, d=1e-3, k0_pass=False)
+    for batch in (1, 8, 32):
+        assert deferred.step_time(batch, 0) == pytest.approx(0.01 + 1e-3 * batch)
+        assert eager.step_time(batch, 0) == pytest.approx(deferred.step_time(batch, 0)
+                                                          + 0.03 + 1e-3 * batch)
+    assert set(choose_k(alpha, eager, 32, 4)[1:]) == {1}
+    assert set(choose_k(alpha, deferred, 32, 4)[1:]) == {0}
+
+
+@pytest.mark.parametrize("k0_pass", [True, False])
+def test_the_fit_recovers_costs_with_and_without_the_k0_pass(k0_pass):
+    true = Costs(a=0.02, b=3e-4, c=4e-3, d=2e-4, k0_pass=k0_pass)
+    model = StepCostModel(min_samples=8, k0_pass=k0_pass)
+    for batch in (1, 3, 8, 16):
+        for k in (0, 1, 2, 4):
+            model.add(batch, k, batch * (k + 1), float(true.step_time(batch, k)))
+    fitted = model.fit()
+    assert fitted.k0_pass == k0_pass
+    for name in "abcd":
+        assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-6)
+
+
 def test_long_drafts_when_verify_is_memory_bound_and_drafts_are_good():
     alpha = [0.95] * 8
     costs = Costs(a=0.03, b=1e-6, c=1e-4, d=1e-7)   # big fixed step cost, cheap draft

@@ -4,8 +4,9 @@
 text; greedy and seeded sampling; streaming and not; four streams dropped by the client after a
 few chunks. The same load runs against a server without speculation, and then against LVSpec
 servers (strict verification, max 8 running sequences so the rest queue and batches change size
-all the time): on one worker, on two tensor-parallel workers, and with a KV cache so small that
-vLLM preempts. Every request that was not dropped completes with its full length; every greedy
+all the time): on one worker, on two tensor-parallel workers, with a KV cache so small that
+vLLM preempts, and with k switching between 4 and 0 as the batch changes (deferred draft passes
+caught up later). Every request that was not dropped completes with its full length; every greedy
 output equals the no-speculation server's; the server is healthy afterwards.
 """
 
@@ -121,25 +122,39 @@ def baseline(tiny_models, workload, tmp_path_factory):
 
 
 _PREEMPT = ("--num-gpu-blocks-override", "6", "--block-size", "32", "--max-model-len", "160")
-VARIANTS = {  # name: (draft, extra server flags, extra environment)
-    "tp1": ("qwen25vl_aligned", (), None),
+_TP2 = ("--tensor-parallel-size", "2")
+_TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+# k switches between 4 and 0 with the running batch: decoding requests defer their draft pass
+# and catch up when the batch shrinks or a KV block fills (draft_catch_up). Preemption keeps the
+# batch small, so there k = 0 starts at 3 running requests; otherwise at 5 (as the load drains).
+def _crossing(k0_from):
+    return {"num_speculative_tokens_per_batch_size": [[1, k0_from - 1, 4], [k0_from, 64, 0]]}
+VARIANTS = {  # name: (draft, extra server flags, extra environment, extra speculative config)
+    "tp1": ("qwen25vl_aligned", (), None, {}),
     # heads sharded over two workers
-    "tp2": ("qwen25vl_aligned", ("--tensor-parallel-size", "2"),
-            {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+    "tp2": ("qwen25vl_aligned", _TP2, _TP2_ENV, {}),
     # 6 blocks of 32 tokens for 8 running requests: vLLM preempts and recomputes
-    "preempt": ("qwen25vl_aligned", _PREEMPT, None),
+    "preempt": ("qwen25vl_aligned", _PREEMPT, None, {}),
     # a draft that sees the video (its own encoder cache), under the same preemption
-    "video-draft-preempt": ("qwen25vl_vl_aligned", _PREEMPT, None),
+    "video-draft-preempt": ("qwen25vl_vl_aligned", _PREEMPT, None, {}),
+    # k switching with the batch, deferred draft passes, preempted requests recomputed
+    "catch-up-preempt": ("qwen25vl_vl_aligned", _PREEMPT, None, _crossing(3)),
+    "catch-up-tp2": ("qwen25vl_vl_aligned", ("--block-size", "32", *_TP2), _TP2_ENV,
+                     _crossing(5)),
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(
         tiny_models, workload, baseline, tmp_path, variant):
-    draft, extra, env = VARIANTS[variant]
-    spec = {"method": "lvspec", "model": str(tiny_models / draft), "num_speculative_tokens": 4}
+    draft, extra, env, options = VARIANTS[variant]
+    spec = {"method": "lvspec", "model": str(tiny_models / draft), "num_speculative_tokens": 4,
+            **options}
     lv, healthy, m = _serve_and_load(str(tiny_models / "qwen25vl"), spec, workload,
                                      tmp_path / f"{variant}.log", extra, env)
+    print(variant, json.dumps({k: v for k, v in m.items()
+                               if k.startswith(("lvspec:", "vllm:spec_decode_num", "vllm:num_pre"))
+                               and not k.endswith("_created")}))
     assert healthy
     for r, b, x in zip(workload, baseline, lv):
         if r["abort"]:
@@ -153,6 +168,6 @@ def test_concurrent_mixed_load_loses_nothing_and_keeps_strict_outputs(
     assert m["vllm:spec_decode_num_accepted_tokens_total"] > 0
     if "preempt" in variant:
         assert m["vllm:num_preemptions_total"] > 0
-    print(variant, json.dumps({k: v for k, v in m.items()
-                               if k.startswith(("lvspec:", "vllm:spec_decode_num", "vllm:num_pre"))
-                               and not k.endswith("_created")}))
+    if "catch-up" in variant:
+        assert m["lvspec:draft_skipped_steps_total"] > 0
+        assert m["lvspec:draft_caught_up_tokens_total"] > 0

@@ -1,8 +1,9 @@
 """k follows the batch: vLLM's per-batch-size schedule drives the LVSpec drafter.
 
-Requests arrive in waves (4, 1, 5, 2), so the running batch size goes up and down across the
-schedule's threshold several times; every run is compared token for token with the target's own
-greedy decoding under the same waves.
+Requests arrive in waves (4, 1, 5, 2) and stop at staggered lengths, so the running batch size
+goes up and down across the schedule's threshold several times, with requests that decoded at
+k = 0 drafting again once the batch shrinks; every run is compared token for token with the
+target's own greedy decoding under the same waves. KV blocks of 32 tokens fill during decode.
 """
 
 import json
@@ -13,12 +14,13 @@ from conftest import run_generate
 
 pytestmark = pytest.mark.engine
 
-WAVES = ("--waves", "4,1,5,2", "--max-tokens", "12")
+WAVES = ("--waves", "4,1,5,2", "--max-tokens", "12", "--stagger", "6", "--block-size", "32")
+CROSSING = [[1, 2, 4], [3, 64, 0]]  # k = 4 up to 2 running requests, 0 from 3 on
 
 
-def _lvspec(schedule):
-    return ("--family", "qwen25vl", "--draft", "qwen25vl_aligned", "--k", "4",
-            "--lvspec-options", json.dumps({"num_speculative_tokens_per_batch_size": schedule}))
+def _lvspec(schedule, draft="qwen25vl_aligned", **options):
+    return ("--family", "qwen25vl", "--draft", draft, "--k", "4", "--lvspec-options",
+            json.dumps({"num_speculative_tokens_per_batch_size": schedule, **options}))
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +41,42 @@ def test_schedule_of_zero_never_drafts(base, tmp_path):
 
 
 def test_crossing_the_threshold_keeps_strict_outputs(base, tmp_path):
-    # k = 4 up to 2 running requests, 0 from 3 on.
-    run = run_generate(tmp_path, "cross", *_lvspec([[1, 2, 4], [3, 64, 0]]), *WAVES)
+    run = run_generate(tmp_path, "cross", *_lvspec(CROSSING), *WAVES)
     (w,) = run["workers"]
     print(w)
     assert run["outputs"] == base["outputs"]
-    # Both sides of the threshold were visited: drafting steps and k = 0 steps whose draft
-    # forward only kept the draft's KV cache in step.
-    assert w["drafter_drafting_passes"] > 0 and w["drafter_kv_sync_passes"] > 0
-    assert w["drafter_skipped_passes"] == 0
+    # Both sides of the threshold were visited: drafting steps, and k = 0 steps in which the
+    # decoding requests deferred their draft pass (draft_catch_up, the default).
+    assert w["drafter_drafting_passes"] > 0 and w["drafter_skipped_passes"] > 0
+    assert w["drafter_deferred_tokens"] > w["drafter_caught_up_tokens"] > 0
+    assert w["drafter_dropped_tokens"] == 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
     assert w["accepted_tokens"] == run["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
     # Each drafting step proposes k = 4 per request.
     assert w["drafter_proposed_tokens"] % 4 == 0
+
+
+def test_catch_up_keeps_an_exact_drafts_every_draft_accepted(base, tmp_path):
+    # The draft holds exactly the target's weights, so a draft KV cache that is complete makes
+    # every draft the target's own greedy token. Requests that decoded at k = 0 draft again
+    # once the batch shrinks: with their deferred tokens discarded instead of caught up, only
+    # 68 of 180 drafts were accepted.
+    run = run_generate(tmp_path, "exact", *_lvspec(CROSSING, "qwen25vl_vl_aligned"), *WAVES)
+    (w,) = run["workers"]
+    print(w)
+    assert run["outputs"] == base["outputs"]
+    assert w["draft_tokens"] == w["accepted_tokens"] > 0
+    assert w["drafter_skipped_passes"] > 0 and w["drafter_caught_up_tokens"] > 0
+    assert w["drafter_visual_tokens_in"] > 0  # the draft saw the videos and images
+
+
+def test_without_catch_up_every_k0_step_runs_the_draft(base, tmp_path):
+    run = run_generate(tmp_path, "eager", *_lvspec(CROSSING, draft_catch_up=False), *WAVES)
+    (w,) = run["workers"]
+    assert run["outputs"] == base["outputs"]
+    # vLLM's behaviour: a k = 0 step still runs one draft forward to keep the KV cache in step.
+    assert w["drafter_drafting_passes"] > 0 and w["drafter_kv_sync_passes"] > 0
+    assert w["drafter_skipped_passes"] == w["drafter_deferred_tokens"] == 0
 
 
 def test_auto_k_calibrates_across_k_and_keeps_strict_outputs(base, tmp_path):
@@ -65,5 +90,6 @@ def test_auto_k_calibrates_across_k_and_keeps_strict_outputs(base, tmp_path):
     # Calibration visits k = 0, 1, 2 and 4, switching between steps without stalling.
     assert {0, 1, 2, 4} <= set(steps)
     (w,) = run["workers"]
-    assert w["drafter_drafting_passes"] > 0 and w["drafter_kv_sync_passes"] > 0
+    # k = 0 steps of decoding requests ran no draft forward (catch-up is on by default)
+    assert w["drafter_drafting_passes"] > 0 and w["drafter_skipped_passes"] > 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0

@@ -17,8 +17,10 @@ two additions:
 * **k from the scheduler.** The per-step k comes from vLLM's scheduler
   (``num_speculative_tokens_per_batch_size``, or auto_k). At k = 0 vLLM's proposer still runs one
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
-  steps that do draft; when the schedule is 0 at every batch size no step ever drafts, and that
-  pass is skipped too.
+  steps that do draft. Here decoding requests skip that pass and catch up the next time the draft
+  runs for them (``lag.py``, option ``draft_catch_up``); a step in which every request waits runs
+  no draft forward at all. When the schedule is 0 at every batch size no step ever drafts, and
+  nothing is recorded either.
 
 It stays a ``DraftModelProposer`` so the runner's ``isinstance`` checks keep routing it through
 the draft-model path.
@@ -36,8 +38,10 @@ from lvspec_vllm.drafter.vision import DraftVision, Window
 
 DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipped_passes",
                     "proposed_tokens", "visual_tokens_in", "pruned_visual_tokens",
-                    "pruned_items_scored", "pruned_items_unscored", "encoded_items", "draft_us")
-_DERIVED = ("encoded_items", "draft_us")  # read from the encoder cache and the timer
+                    "pruned_items_scored", "pruned_items_unscored", "encoded_items", "draft_us",
+                    "deferred_tokens", "caught_up_tokens", "dropped_tokens")
+LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
+_DERIVED = ("encoded_items", "draft_us", *LAG_COUNTERS)  # the encoder cache, timer and lag
 
 
 class LVSpecDrafter(DraftModelProposer):
@@ -47,6 +51,9 @@ class LVSpecDrafter(DraftModelProposer):
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size
         self.never_drafts = bool(schedule) and max(entry[-1] for entry in schedule) == 0
         self._counts = dict.fromkeys((c for c in DRAFTER_COUNTERS if c not in _DERIVED), 0)
+        self._catch_up = False
+        self.lag = None  # DraftLag, after enable_catch_up()
+        self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
         self.timer = StepTimer(device)
         self.vision: DraftVision | None = None
         if self.sees_video and (problems := proposer_hook_problems(DraftModelProposer)):
@@ -73,8 +80,10 @@ class LVSpecDrafter(DraftModelProposer):
     @property
     def counts(self) -> dict[str, int]:
         vision = self.vision.counts if self.vision is not None else {}
+        lag = self.lag.counts if self.lag is not None else {}
         return {**self._counts, "encoded_items": vision.get("encoded_items", 0),
-                "draft_us": self.timer.total_us()}
+                "draft_us": self.timer.total_us(),
+                **{c: lag.get(c, 0) for c in LAG_COUNTERS}}
 
     def enable_pruning(self, keep_ratio: float, stage1_share: float, prompt_attention) -> None:
         """SpecVLM's pruning of the draft's video tokens (``pruning.py``)."""
@@ -98,22 +107,125 @@ class LVSpecDrafter(DraftModelProposer):
             self.vision = DraftVision(self.model, self.device)
 
     # -- one propose call per engine step --------------------------------------------------------
-    def propose(self, num_speculative_tokens, *args, **kwargs):
+    def propose(self, num_speculative_tokens, **kwargs):
+        drafts = self._propose(num_speculative_tokens, **kwargs)
+        if num_speculative_tokens == 0:  # the next step verifies nothing, so its sampler is idle
+            sampler = getattr(self.runner, "rejection_sampler", None)
+            if hasattr(sampler, "publish_between_verify_steps"):
+                sampler.publish_between_verify_steps()
+        return drafts
+
+    def _propose(self, num_speculative_tokens, **kwargs):
         c = self._counts
         c["propose_calls"] += 1
-        cad = kwargs.get("common_attn_metadata")
-        if num_speculative_tokens == 0:
-            if self.never_drafts:
-                c["skipped_passes"] += 1
-                self._last_draft_probs = None
-                return torch.empty(cad.batch_size(), 0, dtype=torch.int64,
-                                   device=self.device)
-            c["kv_sync_passes"] += 1
-        else:
-            c["drafting_passes"] += 1
-            c["proposed_tokens"] += num_speculative_tokens * cad.batch_size()
+        cad = kwargs["common_attn_metadata"]
+        self._pass = None
+        if num_speculative_tokens == 0 and self.never_drafts:
+            c["skipped_passes"] += 1
+            self._last_draft_probs = None
+            return self._no_drafts(cad)
+        if self.lag is None and self._catch_up:  # the block size is known from the first step
+            from lvspec_vllm.drafter.lag import DraftLag
+            self.lag = DraftLag(self.block_size, self.max_batch_size, self.device)
         with self.timer:
-            return super().propose(num_speculative_tokens, *args, **kwargs)
+            if self.lag is None:
+                self._count_pass(num_speculative_tokens, cad.batch_size())
+                return super().propose(num_speculative_tokens, **kwargs)
+            return self._propose_catching_up(num_speculative_tokens, kwargs)
+
+    def _no_drafts(self, cad) -> torch.Tensor:
+        return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
+
+    def _count_pass(self, k: int, batch_size: int) -> None:
+        if k == 0:
+            self._counts["kv_sync_passes"] += 1
+        else:
+            self._counts["drafting_passes"] += 1
+            self._counts["proposed_tokens"] += k * batch_size
+
+    def enable_catch_up(self) -> None:
+        """Defer k = 0 draft passes of decoding requests (``lag.py``)."""
+        self._catch_up = not self.never_drafts
+
+    def _propose_catching_up(self, k: int, kwargs):
+        from lvspec_vllm.drafter.lag import Row, chunks
+
+        cad = kwargs["common_attn_metadata"]
+        runner, lag, batch = self.runner, self.lag, cad.batch_size()
+        qsl = cad.query_start_loc_cpu.tolist()
+        rows = []
+        for i, req_id in enumerate(runner.input_batch.req_ids[:batch]):
+            state = runner.requests[req_id]
+            rows.append(Row(req_id, state.num_computed_tokens, qsl[i + 1] - qsl[i],
+                            state.num_computed_tokens >= state.num_prompt_tokens,
+                            state.mrope_position_delta or 0))
+        if lag.pending:
+            lag.forget(runner.requests)
+        run, wait = lag.plan(rows, k)
+        lag.record(rows, wait, qsl, kwargs["target_token_ids"])
+        if not run:
+            self._counts["skipped_passes"] += 1
+            self._last_draft_probs = None
+            return self._no_drafts(cad)
+        behind = lag.lagging(rows, run)
+        if not behind and len(run) == batch:  # nothing to catch up: vLLM's own pass
+            self._count_pass(k, batch)
+            return super().propose(k, **kwargs)
+        # The pass holds the step's rows, one extra slot per request and the tokens caught up.
+        # Past the draft's buffers, the lagging requests catch up first in k = 0 passes of
+        # their own (which also cover their rows of this step), and the last pass has no lag.
+        size = sum(rows[i].num_tokens + self.extra_slots_per_request for i in run)
+        if size + lag.pending_tokens(rows, run) > self.max_num_tokens:
+            lagging = [rows[i].num_tokens + self.extra_slots_per_request
+                       + lag.pending_tokens(rows, [i]) for i in behind]
+            for group in chunks(lagging, self.max_num_tokens):
+                self._count_pass(0, len(group))
+                self._catch_up_pass(0, rows, [behind[j] for j in group], kwargs)
+        self._count_pass(k, len(run))
+        drafts = self._catch_up_pass(k, rows, run, kwargs)
+        return drafts if k > 0 else self._no_drafts(cad)
+
+    def _catch_up_pass(self, k: int, rows, run: list[int], kwargs) -> torch.Tensor:
+        """One draft pass over the step's requests ``run`` with their deferred tokens first."""
+        from lvspec_vllm.drafter.lag import subset_metadata
+
+        cad = kwargs["common_attn_metadata"]
+        step_ids = kwargs["target_token_ids"]
+        n = step_ids.shape[0]
+        layout = self.lag.layout(rows, run, cad.query_start_loc_cpu.tolist(), n)
+        dev = self.device
+        ids = step_ids if self.lag.ids is None else torch.cat([step_ids, self.lag.ids.view(-1)])
+        ids = ids[layout.src.to(dev)]
+        seq_positions = layout.positions.to(dev)
+        positions = kwargs["target_positions"]
+        if positions.dim() == 2:  # M-RoPE: text after the prompt is one past on all three rows
+            extra = (layout.pending_positions + layout.pending_mrope_delta).to(dev)
+            positions = torch.cat([positions[:, :n], extra.expand(3, -1).to(positions.dtype)],
+                                  dim=1)[:, layout.mrope_src.to(dev)]
+        else:
+            positions = seq_positions.to(positions.dtype)
+        index = torch.tensor(run, dtype=torch.long)
+        dev_index = index.to(dev)
+        rejected = kwargs.get("num_rejected_tokens_gpu")
+        self._pass = ([rows[i].req_id for i in run], layout.first, seq_positions)
+        return super().propose(
+            k, target_token_ids=ids, target_positions=positions,
+            # the draft model reads no target hidden states (pass_hidden_states_to_model False)
+            target_hidden_states=kwargs["target_hidden_states"],
+            next_token_ids=kwargs["next_token_ids"][dev_index],
+            token_indices_to_sample=None,  # the draft-model path computes its own
+            common_attn_metadata=subset_metadata(cad, index, layout, self.block_size, dev),
+            sampling_metadata=kwargs["sampling_metadata"],
+            mm_embed_inputs=None,  # a video-aware draft gathers its own (below)
+            num_rejected_tokens_gpu=None if rejected is None else rejected[dev_index],
+            slot_mappings=kwargs.get("slot_mappings"))
+
+    def _pass_requests(self, cad) -> tuple[list[str], list[int]]:
+        """The pass's request ids and the sequence position of each one's first row."""
+        if self._pass is not None:
+            return self._pass[0], self._pass[1]
+        req_ids = self.runner.input_batch.req_ids[:cad.batch_size()]
+        return req_ids, [self.runner.requests[r].num_computed_tokens for r in req_ids]
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions,
                               target_hidden_states, token_indices_to_sample, cad,
@@ -124,7 +236,8 @@ class LVSpecDrafter(DraftModelProposer):
                 token_indices_to_sample, cad, num_rejected_tokens_gpu)
         mrope = target_positions if self.uses_mrope else None
         if mrope is not None:  # vLLM's copy kernel and slot mapping take sequence positions
-            target_positions = self.runner.positions[:target_token_ids.shape[0]]
+            target_positions = self._pass[2] if self._pass is not None else \
+                self.runner.positions[:target_token_ids.shape[0]]
         num_tokens, token_indices_to_sample, new_cad = super().set_inputs_first_pass(
             target_token_ids, next_token_ids, target_positions, target_hidden_states,
             token_indices_to_sample, cad, num_rejected_tokens_gpu)
@@ -185,15 +298,14 @@ class LVSpecDrafter(DraftModelProposer):
         from lvspec_vllm.drafter.pruning import compact_layout
 
         runner = self.runner
-        req_ids = runner.input_batch.req_ids[:cad.batch_size()]
+        req_ids, firsts = self._pass_requests(cad)
         for gone in [r for r in self._pruned if r not in runner.requests]:
             del self._pruned[gone]
             self._pruned_sorted.pop(gone, None)
         qsl = cad.query_start_loc_cpu.tolist()
-        for r, req_id in enumerate(req_ids):
+        for r, (req_id, first) in enumerate(zip(req_ids, firsts)):
             state = runner.requests[req_id]
             if state.mm_features:
-                first = state.num_computed_tokens
                 self._decide_pruning(req_id, state, first, first + qsl[r + 1] - qsl[r])
         pruned = [self._pruned_sorted.get(r) for r in req_ids]
         if all(p is None or p.numel() == 0 for p in pruned):
@@ -246,9 +358,8 @@ class LVSpecDrafter(DraftModelProposer):
         runner = self.runner
         qsl = cad.query_start_loc_cpu.tolist()
         windows = []
-        for r, req_id in enumerate(runner.input_batch.req_ids[:cad.batch_size()]):
-            state = runner.requests[req_id]
-            windows.append(Window(state.mm_features, state.num_computed_tokens,
+        for r, (req_id, first) in enumerate(zip(*self._pass_requests(cad))):
+            windows.append(Window(runner.requests[req_id].mm_features, first,
                                   qsl[r + 1] - qsl[r], qsl[r] + r * slots))
         # An entry can only have died if a request left: skip the walk on steady decode steps.
         if self.vision.cache and runner.requests.keys() != self._retained_for:

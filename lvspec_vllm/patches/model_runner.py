@@ -58,6 +58,9 @@ class ModelRunnerInitPatch(Patch):
                 attention.install(self, capture, config.relevance_layers)
 
             self.load_model = load_and_capture
+        schedule = self.speculative_config.num_speculative_tokens_per_batch_size or []
+        if config.draft_catch_up and (config.auto_k or any(e[-1] == 0 for e in schedule)):
+            self.drafter.enable_catch_up()
         if config.draft_pruning:
             self.drafter.enable_pruning(config.draft_keep_ratio, config.draft_stage1_share,
                                         capture)

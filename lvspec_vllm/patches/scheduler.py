@@ -23,19 +23,20 @@ from pathlib import Path
 from lvspec_vllm import metrics
 from lvspec_vllm._logging import get_logger
 from lvspec_vllm.auto_k import AutoK
+from lvspec_vllm.config import LVSpecConfig
 from lvspec_vllm.patches import Patch
 
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
-_PUBLISH_INTERVAL_S = 0.5
 
 
 class AutoKController:
     """Glue between the scheduler and ``AutoK``: measure each step, set the k table."""
 
-    def __init__(self, scheduler, k_max: int):
+    def __init__(self, scheduler, k_max: int, catch_up: bool):
         self.max_batch = scheduler.scheduler_config.max_num_seqs
-        self.auto = AutoK(k_max, self.max_batch)
+        # with the drafter's catch-up a k = 0 step runs no draft forward (drafter/lag.py)
+        self.auto = AutoK(k_max, self.max_batch, k0_pass=not catch_up)
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -80,7 +81,7 @@ class AutoKController:
 
     def _report(self, batch: int) -> None:
         now = time.monotonic()
-        if self._path is not None and now - self._last_publish >= _PUBLISH_INTERVAL_S:
+        if self._path is not None and now - self._last_publish >= metrics.PUBLISH_INTERVAL_S:
             self._last_publish = now
             snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
             snap["auto_k_last"] = self.last_k
@@ -106,9 +107,10 @@ def _controller(scheduler) -> AutoKController | None:
     ctl = scheduler.__dict__.get("_lvspec_auto_k", False)
     if ctl is False:
         ctl = None
-        options = (scheduler.vllm_config.additional_config or {}).get("lvspec") or {}
-        if options.get("auto_k") and scheduler.dynamic_sd_lookup is not None:
-            ctl = AutoKController(scheduler, scheduler.num_spec_tokens)
+        options = (scheduler.vllm_config.additional_config or {}).get("lvspec")
+        config = LVSpecConfig.from_dict(options) if options is not None else None
+        if config is not None and config.auto_k and scheduler.dynamic_sd_lookup is not None:
+            ctl = AutoKController(scheduler, scheduler.num_spec_tokens, config.draft_catch_up)
         scheduler.__dict__["_lvspec_auto_k"] = ctl
     return ctl
 

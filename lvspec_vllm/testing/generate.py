@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="small values split prompts over several steps (chunked prefill)")
     ap.add_argument("--num-gpu-blocks", type=int, default=None,
                     help="KV cache blocks; small values force preemption")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV cache block size (small values make blocks fill often)")
+    ap.add_argument("--stagger", type=int, default=0,
+                    help="request i generates max_tokens + stagger * (i %% 4) tokens, so a batch "
+                         "shrinks one request at a time")
     ap.add_argument("--waves", default=None,
                     help="comma-separated request counts arriving in waves, each wave when the "
                          "previous one has finished: the batch size goes up and down")
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_num_batched_tokens:
         kwargs.update(max_num_batched_tokens=args.max_num_batched_tokens,
                       enable_chunked_prefill=True)
+    if args.block_size:
+        kwargs["block_size"] = args.block_size
     if args.num_gpu_blocks:
         kwargs.update(num_gpu_blocks_override=args.num_gpu_blocks, block_size=32,
                       max_model_len=min(2048, 32 * args.num_gpu_blocks - 64))
@@ -102,10 +109,16 @@ def main(argv: list[str] | None = None) -> None:
         requests = [r for r in requests
                     if args.only in r.get("multi_modal_data", {"text": None})]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    waves = [int(w) for w in args.waves.split(",")] if args.waves else [len(requests)]
+    per_request = []
+    for i in range(sum(waves)):
+        p = params.clone()
+        p.max_tokens = args.max_tokens + args.stagger * (i % 4)
+        per_request.append(p)
     if args.waves:
-        outs = _run_waves(llm, requests, params, [int(w) for w in args.waves.split(",")])
+        outs = _run_waves(llm, requests, per_request, waves)
     else:
-        outs = llm.generate(requests, params, use_tqdm=False)
+        outs = llm.generate(requests, per_request, use_tqdm=False)
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs],
               "texts": [o.outputs[0].text for o in outs],
               "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
@@ -134,13 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: result[k] for k in ("workers", "metrics")}), file=sys.stderr)
 
 
-def _run_waves(llm, requests, params, waves: list[int]) -> list:
+def _run_waves(llm, requests, params: list, waves: list[int]) -> list:
     """Feed the engine in waves, stepping it by hand; outputs in submission order."""
     engine = llm.llm_engine
     done, n = {}, 0
     for size in waves:
         for _ in range(size):
-            engine.add_request(str(n), requests[n % len(requests)], params)
+            engine.add_request(str(n), requests[n % len(requests)], params[n])
             n += 1
         while engine.has_unfinished_requests():
             for out in engine.step():
