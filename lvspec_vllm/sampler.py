@@ -82,7 +82,6 @@ class LVSpecRejectionSampler(RejectionSampler):
         self._decision: tuple | None = None
         self._last_log = time.monotonic()
         self._publisher = None
-        self._last_publish = 0.0
         # Anchor decisions on the rows each step reached, for requests that identify anchors.
         self.identification = dict.fromkeys(
             ("scored_rows", "anchor_rows", "labelled_rows", "labelled_anchor_rows"), 0)
@@ -270,16 +269,13 @@ class LVSpecRejectionSampler(RejectionSampler):
                 delta[_C[f"rejected_{name}"]] = by_stop[code]
             delta[_C["rejected_standard"]] = (rejected & ~ours).sum()
         self.counts += delta
-        if self._publisher is not None:
-            self._publisher.publish(self.counts, self.gauges())
-            self._last_publish = time.monotonic()
+        self.publish_between_verify_steps()
 
     def publish_between_verify_steps(self) -> None:
-        """Called by the drafter in steps that verify nothing (k = 0), whose gauges still move;
-        at most once per publish interval."""
-        now = time.monotonic()
-        if self._publisher is not None and now - self._last_publish >= metrics.PUBLISH_INTERVAL_S:
-            self._last_publish = now
+        """Hand the counters and gauges to the publisher (a non-blocking copy; its thread
+        writes them out). Also called by the drafter in steps that verify nothing (k = 0),
+        whose drafter counts still move."""
+        if self._publisher is not None:
             self._publisher.publish(self.counts, self.gauges())
 
     def gauges(self) -> dict[str, float]:

@@ -110,5 +110,10 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
     # auto_k's choices are read back per level from /metrics
     auto = runs["lvspec-auto"]["levels"]
     assert sum(sum(lv["auto_k_steps"].values()) for lv in auto) > 0
+    # the draft's own clock, per level, as a share of the level's wall time
+    assert all(0 <= lv["draft_share"] < 1 for lv in auto) and any(lv["draft_share"] > 0
+                                                                   for lv in auto)
+    assert all(lv["draft_share"] == 0 for lv in runs["none"]["levels"])
+    assert "the draft's share of wall time" in (out / "serve.md").read_text()
     for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

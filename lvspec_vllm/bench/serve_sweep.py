@@ -24,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+from lvspec_vllm.metrics import PUBLISH_INTERVAL_S
+
 SERVE_MODES = {
     "none": None,
     "strict": {},
@@ -101,7 +103,11 @@ def run_mode(mode: str, args, urls: list[str], out: Path) -> dict:
             before, k_before = srv.metrics(), _k_steps(srv.base_url)
             r = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, c,
                                    args.requests_per_level * c, args.max_tokens))
+            time.sleep(2 * PUBLISH_INTERVAL_S)  # the workers' last counts reach /metrics
             after, k_after = srv.metrics(), _k_steps(srv.base_url)
+            drafter = _delta(after, before, "lvspec:draft_")
+            r["draft_share"] = drafter.get("lvspec:draft_seconds_total", 0.0) / r["elapsed_s"]
+            r["draft_skipped_steps"] = drafter.get("lvspec:draft_skipped_steps_total", 0.0)
             d = _delta(after, before, "vllm:spec_decode_num")
             drafts = d.get("vllm:spec_decode_num_drafts_total", 0.0)
             accepted = d.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
@@ -146,6 +152,14 @@ def markdown(runs: list[dict], header: str) -> str:
                 cell += ")"
             cells.append(cell)
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
+    lines += ["", "the draft's share of wall time (lvspec:draft_seconds_total over the level's "
+              "time; steps in which the draft ran no forward)", "",
+              lines[4], lines[5]]
+    for r in runs:
+        if r["mode"] != "none":
+            lines.append(f"| {r['mode']} | " + " | ".join(
+                f"{lv.get('draft_share', 0):.0%} ({lv.get('draft_skipped_steps', 0):.0f})"
+                for lv in r["levels"]) + " |")
     return "\n".join(lines) + "\n"
 
 

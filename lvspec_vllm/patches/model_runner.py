@@ -6,7 +6,8 @@ RejectionSampler(self.sampler, speculative_config, device)``). When ``additional
 is present, the runner module's name ``DraftModelProposer`` points at LVSpec's subclass for the
 duration of that ``__init__`` (vLLM's own constructor refuses the M-RoPE drafts LVSpec supports, so
 it must not run first), and after it returns the rejection sampler is replaced. The CPU runner
-subclasses GPUModelRunner and calls this ``__init__``, so one patch covers CUDA and CPU. Nothing
+subclasses GPUModelRunner and calls this ``__init__``, so one patch covers CUDA and CPU. The
+drafter's options (deferred k = 0 passes, pruning) are switched on here too, once both exist. Nothing
 is loaded yet at that point (models load in ``load_model``).
 """
 
