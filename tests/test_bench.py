@@ -117,3 +117,27 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
     assert "the draft's share of wall time" in (out / "serve.md").read_text()
     for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_serve_runs_report_the_median_per_level():
+    from lvspec_vllm.bench.serve_sweep import markdown, median_run
+
+    def run(mode, *levels):
+        return {"mode": mode, "speculative_config": None, "levels": [
+            {"concurrency": c, "requests": 2 * c, "output_tokens": 64 * c, "elapsed_s": 1.0,
+             "tokens_per_s": t, "mean_accepted_length": None if k is None else 1 + k,
+             "auto_k_steps": {}, "mean_k": k, "draft_share": share,
+             "draft_skipped_steps": 0} for c, t, k, share in levels]}
+
+    none = median_run([run("none", (1, 100, None, 0), (4, 300, None, 0)),
+                       run("none", (1, 120, None, 0), (4, 200, None, 0)),
+                       run("none", (1, 90, None, 0), (4, 250, None, 0))])
+    assert [lv["tokens_per_s"] for lv in none["levels"]] == [100, 250]
+    assert none["levels"][1]["tokens_per_s_runs"] == [300, 200, 250] and none["repeats"] == 3
+    auto = median_run([run("lvspec-auto", (1, 80, 1.0, 0.2), (4, 240, None, 0.1)),
+                       run("lvspec-auto", (1, 110, 2.0, 0.4), (4, 260, 0.0, 0.3))])
+    assert auto["levels"][0]["mean_k"] == 1.5 and auto["levels"][1]["mean_k"] == 0.0
+    assert auto["levels"][0]["draft_share"] == pytest.approx(0.3)
+    md = markdown([none, auto], "header")
+    assert "| none | 100.0 [90-120] (1.00x) | 250.0 [200-300] (1.00x) |" in md
+    assert "| lvspec-auto | 95.0 [80-110] (0.95x; 2.50; k 1.5) |" in md

@@ -117,7 +117,8 @@ def markdown(rows: dict[str, dict], header: str) -> str:
             f"| {mode} | {r['k']} | {_fmt(r['mean_accepted_length'])} | "
             f"{_fmt(r['accepted_per_step'])} | {r['tokens_per_s']:.1f} | "
             f"{_fmt(r.get('speedup'))} | {_fmt(r['accuracy']['all'], True)} | "
-            f"{_fmt(r.get('fidelity_attributes'), True)} | {_fmt(r.get('identical_outputs'), True)} | "
+            f"{_fmt(r.get('fidelity_attributes'), True)} | "
+            f"{_fmt(r.get('identical_outputs'), True)} | "
             f"{_fmt(r.get('token_agreement'), True)} | "
             f"{_fmt(r.get('identification_precision'), True)} | "
             f"{_fmt(r.get('identification_recall'), True)} |")
@@ -207,6 +208,8 @@ def main(argv=None) -> None:
     srv.add_argument("--dtype", default="float32")
     srv.add_argument("--ramp", action="store_true", help="levels up, then back down")
     srv.add_argument("--out", type=Path, required=True)
+    srv.add_argument("--repeat", type=int, default=1,
+                     help="run the modes this many times in turns; report the median per level")
     srv.add_argument("--reuse", action="store_true")
     from lvspec_vllm.bench import projection
 
@@ -246,7 +249,8 @@ def main(argv=None) -> None:
                "--skip", str(args.skip),
                "--max-tokens", str(args.max_tokens), "--max-num-seqs", str(args.max_num_seqs),
                "--lvspec-options", args.lvspec_options, "--dtype", args.dtype, "--out", str(path),
-               "--upscale", str(args.upscale)] + (["--frames", str(args.frames)] if args.frames else [])
+               "--upscale", str(args.upscale)]
+        cmd += ["--frames", str(args.frames)] if args.frames else []
         with open(args.out / f"run-{mode}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
@@ -258,8 +262,10 @@ def main(argv=None) -> None:
     rows = summarise(runs)
     shape = "" if not (args.frames or args.upscale > 1) else \
         f" (looped to {args.frames or 'the same'} frames, enlarged {args.upscale}x)"
+    skipped = f" after the first {args.skip}" if args.skip else ""
     header = (f"target `{args.target}`, draft `{args.draft}`, k={args.k}, {args.n} held-out "
-              f"videos{f' after the first {args.skip}' if args.skip else ''}{shape}, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, greedy")
+              f"videos{skipped}{shape}, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, "
+              f"greedy")
     md = markdown(rows, header)
     (args.out / "results.json").write_text(json.dumps(
         {"config": vars(args) | {"out": str(args.out)}, "modes": rows}, indent=1))

@@ -80,10 +80,14 @@ class Setting:
     eta_mem: float = 0.8        # share of peak bandwidth a decode GEMV reaches
     eta_flops: float = 0.6      # share of peak FLOPS a verify GEMM reaches
 
-    def _time(self, lm: LM, batch: int, rows: int) -> float:
+    def bounds(self, lm: LM, batch: int, rows: int) -> tuple[float, float]:
+        """Seconds for one forward if bound by memory, and if bound by compute."""
         b, f = lm.forward_cost(batch, rows, self.context, self.weight_bytes)
         peak = self.gpu.flops_fp8 if self.weight_bytes <= 1 else self.gpu.flops_bf16
-        return max(b / (self.gpu.bandwidth * self.eta_mem), f / (peak * self.eta_flops))
+        return b / (self.gpu.bandwidth * self.eta_mem), f / (peak * self.eta_flops)
+
+    def _time(self, lm: LM, batch: int, rows: int) -> float:
+        return max(self.bounds(lm, batch, rows))
 
     def step_time(self, batch: int, k: int) -> float:
         t = self._time(self.target, batch, batch * (k + 1))
@@ -154,17 +158,15 @@ def table(setting: Setting, runs: dict[str, list[float]], levels: list[int]) -> 
             cells.append(f"k = {k}: {best:.2f}x ({fixed:.2f}x)")
         lines.append(f"| {label} | {expected_tokens(p, min(4, len(p))):.2f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "| B | step without speculation (ms) | with k = 4 (ms) | draft share of the k = 4 "
-              "step | verify bound |", "|---|---|---|---|---|"]
+    lines += ["", "| B | step without speculation (ms) | with k = 4 (ms) | draft share of the "
+              "k = 4 step | k = 4 verify: memory / compute (ms) |", "|---|---|---|---|---|"]
     for b in levels:
         t0, t4 = s.step_time(b, 0), s.step_time(b, 4)
         draft = 4 * s._time(s.draft, b, b)
-        by, fl = s.target.forward_cost(b, 5 * b, s.context, s.weight_bytes)
-        peak = s.gpu.flops_fp8 if s.weight_bytes <= 1 else s.gpu.flops_bf16
-        bound = "memory" if by / (s.gpu.bandwidth * s.eta_mem) >= fl / (peak * s.eta_flops) \
-            else "compute"
+        mem, compute = s.bounds(s.target, b, 5 * b)
+        bound = "memory" if mem >= compute else "compute"
         lines.append(f"| {b} | {1e3 * t0:.1f} | {1e3 * t4:.1f} | {100 * draft / t4:.0f} % | "
-                     f"{bound} |")
+                     f"{1e3 * mem:.1f} / {1e3 * compute:.1f}: {bound}-bound |")
     return "\n".join(lines) + "\n"
 
 

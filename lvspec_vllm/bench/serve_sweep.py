@@ -2,18 +2,21 @@
 
     lvspec-bench serve --target DIR --draft DIR [--modes none,strict,lvspec,lvspec-auto]
                        [--concurrency 1,4,16,64] [--requests-per-level 2] [--k 4]
-                       [--schedule JSON] --out DIR
+                       [--schedule JSON] [--repeat 1] --out DIR
 
 For each mode one server is started; for each concurrency level, ``requests-per-level x
 concurrency`` chat requests (one held-out world video each, greedy, a fixed number of output
 tokens) are sent by that many concurrent clients, and output tokens/s is the completion tokens
 over the level's wall time. ``/metrics`` is read before and after each level: drafts, accepted
-tokens, and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up and back
-down (1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show.
+tokens, the draft's own seconds (its share of the level's wall time) and the steps it skipped,
+and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up and back down
+(1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show. With
+``--repeat N`` the modes run N times in turns and each level reports the median and the range.
 
 Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fixed k),
 lvspec-schedule (loose, vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose,
-auto_k).
+auto_k); lvspec-schedule-eager and lvspec-auto-eager run a draft forward in every k = 0 step,
+as vLLM does (``draft_catch_up`` off).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ SERVE_MODES = {
     "lvspec": {"loose": True},
     "lvspec-schedule": {"loose": True},
     "lvspec-auto": {"loose": True, "auto_k": True},
+    # the same with vLLM's draft forward in every k = 0 step (no deferred draft passes)
+    "lvspec-schedule-eager": {"loose": True, "draft_catch_up": False},
+    "lvspec-auto-eager": {"loose": True, "auto_k": True, "draft_catch_up": False},
 }
 
 
@@ -77,7 +83,7 @@ def _delta(after: dict, before: dict, prefix: str) -> dict:
     return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
 
 
-def run_mode(mode: str, args, urls: list[str], out: Path) -> dict:
+def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict:
     from lvspec_vllm.testing.server import SERVED_NAME, vllm_server
 
     options = SERVE_MODES[mode]
@@ -89,13 +95,13 @@ def run_mode(mode: str, args, urls: list[str], out: Path) -> dict:
                 **json.loads(args.lvspec_options), **options}
         if mode == "strict":
             spec["loose"] = False
-        if mode == "lvspec-schedule":
+        if mode.startswith("lvspec-schedule"):
             spec["num_speculative_tokens_per_batch_size"] = json.loads(args.schedule)
     levels = list(args.concurrency)
     if args.ramp:
         levels = levels + levels[-2::-1]
     results = []
-    with vllm_server(args.target, spec, log_path=out / f"serve-{mode}.log",
+    with vllm_server(args.target, spec, log_path=out / f"serve-{mode}{tag}.log",
                      extra_args=extra) as srv:
         # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
         asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
@@ -133,6 +139,24 @@ def _k_steps(base_url: str) -> dict[int, float]:
             re.findall(r'^lvspec:auto_k_steps_total\{k="(\d+)"\} (\S+)$', text, re.M)}
 
 
+def median_run(reps: list[dict]) -> dict:
+    """One mode's repeats as one run: per level the median of each measure (the throughput of
+    every repeat kept beside it)."""
+    import statistics
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    levels = []
+    for i, first in enumerate(reps[0]["levels"]):
+        same = [r["levels"][i] for r in reps]
+        levels.append({**first, **{key: median(lv.get(key) for lv in same) for key in (
+            "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
+            "draft_skipped_steps")}, "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
+    return {**reps[0], "levels": levels, "repeats": len(reps)}
+
+
 def markdown(runs: list[dict], header: str) -> str:
     levels = [lv["concurrency"] for lv in runs[0]["levels"]]
     base = next((r for r in runs if r["mode"] == "none"), None)
@@ -143,13 +167,18 @@ def markdown(runs: list[dict], header: str) -> str:
         cells = []
         for i, lv in enumerate(r["levels"]):
             cell = f"{lv['tokens_per_s']:.1f}"
+            each = lv.get("tokens_per_s_runs", [])
+            if len(each) > 1:
+                cell += f" [{min(each):.0f}-{max(each):.0f}]"
+            notes = []
             if base is not None:
-                cell += f" ({lv['tokens_per_s'] / base['levels'][i]['tokens_per_s']:.2f}x"
-                if lv["mean_accepted_length"]:
-                    cell += f"; {lv['mean_accepted_length']:.2f}"
-                if lv["mean_k"] is not None:
-                    cell += f"; k {lv['mean_k']:.1f}"
-                cell += ")"
+                notes.append(f"{lv['tokens_per_s'] / base['levels'][i]['tokens_per_s']:.2f}x")
+            if lv["mean_accepted_length"]:
+                notes.append(f"{lv['mean_accepted_length']:.2f}")
+            if lv["mean_k"] is not None:
+                notes.append(f"k {lv['mean_k']:.1f}")
+            if notes:
+                cell += f" ({'; '.join(notes)})"
             cells.append(cell)
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     lines += ["", "the draft's share of wall time (lvspec:draft_seconds_total over the level's "
@@ -199,24 +228,35 @@ def main(args) -> None:
     unknown = [m for m in modes if m not in SERVE_MODES]
     if unknown:
         raise SystemExit(f"unknown serve mode {unknown[0]!r}; modes: {', '.join(SERVE_MODES)}")
-    if "lvspec-schedule" in modes and not args.schedule:
+    if any(m.startswith("lvspec-schedule") for m in modes) and not args.schedule:
         raise SystemExit("mode lvspec-schedule needs --schedule, e.g. '[[1, 4, 4], [5, 256, 0]]'")
     urls = _video_urls(16, out)
-    runs = []
-    for mode in modes:
-        path = out / f"serve-{mode}.json"
-        if args.reuse and path.exists():
-            runs.append(json.loads(path.read_text()))
-            continue
-        runs.append(run_mode(mode, args, urls, out))
-        path.write_text(json.dumps(runs[-1]))
-    header = (f"`vllm serve` on 127.0.0.1: target `{args.target}`, draft `{args.draft}`, k={args.k}, "
-              f"{args.requests_per_level} x concurrency requests per level, {args.max_tokens} "
-              f"output tokens each (greedy), dtype {args.dtype}")
+    # With --repeat the modes take turns (mode by mode, then again), so a drift of the machine's
+    # speed hits every mode alike; each level reports the median over the repeats.
+    reps: dict[str, list[dict]] = {m: [] for m in modes}
+    for i in range(args.repeat):
+        for mode in modes:
+            tag = f"-r{i}" if args.repeat > 1 else ""
+            path = out / f"serve-{mode}{tag}.json"
+            if args.reuse and path.exists():
+                reps[mode].append(json.loads(path.read_text()))
+                continue
+            reps[mode].append(run_mode(mode, args, urls, out, tag))
+            path.write_text(json.dumps(reps[mode][-1]))
+    runs = [median_run(reps[m]) for m in modes]
+    header = (f"`vllm serve` on 127.0.0.1: target `{args.target}`, draft `{args.draft}`, "
+              f"k={args.k}, {args.requests_per_level} x concurrency requests per level, "
+              f"{args.max_tokens} output tokens each (greedy), dtype {args.dtype}")
+    if args.repeat > 1:
+        header += f"; each mode {args.repeat} times, in turns, median [range] per level"
+    if any(m.startswith("lvspec-schedule") for m in modes):
+        header += f", schedule {args.schedule}"
+    if json.loads(args.lvspec_options):
+        header += f", LVSpec options {args.lvspec_options}"
     md = markdown(runs, header)
     (out / "serve.md").write_text(md)
-    (out / "serve.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                                "runs": runs}, indent=1))
+    config = {k: str(v) for k, v in vars(args).items()}
+    (out / "serve.json").write_text(json.dumps({"config": config, "runs": runs}, indent=1))
     made = plots(runs, out)
     print(md)
     print(f"[lvspec-bench serve] wrote {out / 'serve.json'}, serve.md, "
