@@ -137,7 +137,8 @@ class AutoK:
 
     Calibration visits every k in ``calibration_ks`` in turn (the costs are only identifiable
     when k varies); afterwards the best k is taken, except that every ``explore_every``-th step
-    tries a neighbouring k so the fit keeps seeing more than one k.
+    (two steps in a row with deferred k = 0 passes) tries a neighbouring k so the fit keeps
+    seeing more than one k.
     """
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
@@ -153,10 +154,18 @@ class AutoK:
         self.table = [k_max] * (max_batch + 1)
         self.fitted: Costs | None = None
         self.steps = 0
+        # With deferred k = 0 passes the first drafting step after k = 0 also catches the draft
+        # up: its time is not what a step at that k costs, so it is left out of the fit, and
+        # an exploration lasts two steps so that one of them is a plain sample.
+        self.catch_up = not k0_pass
+        self.explore_steps = 2 if self.catch_up else 1
+        self.last_k: int | None = None
 
     def observe(self, batch: int, k: int, tokens: int, seconds: float | None,
                 drafted: list[int], accepted: list[int]) -> None:
-        if seconds is not None:
+        resumed = self.catch_up and self.last_k == 0 and k > 0
+        self.last_k = k
+        if seconds is not None and not resumed:
             self.costs.add(batch, k, tokens, seconds)
         if drafted:
             self.profile.update(drafted, accepted)
@@ -172,7 +181,7 @@ class AutoK:
             if self.fitted is not None:
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
                                       self.k_max)
-        if self.steps % self.explore_every == 0:
+        if self.steps % self.explore_every < self.explore_steps:
             nudge = 1 if (self.steps // self.explore_every) % 2 else -1
             return [min(self.k_max, max(0, k + nudge)) for k in self.table]
         return self.table

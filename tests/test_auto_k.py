@@ -141,3 +141,37 @@ def test_closed_loop_calibrates_then_follows_the_model(alpha, want_zero):
         assert got[16] == 0 and max(got[1:]) <= 1
     else:
         assert min(got[1:]) >= 4
+
+
+
+def test_the_step_that_catches_the_draft_up_stays_out_of_the_fit():
+    # With deferred k = 0 passes, the first drafting step after k = 0 also processes the
+    # deferred tokens: its time is not what a step at its k costs.
+    auto = AutoK(k_max=4, max_batch=8, k0_pass=False)
+    for k, seconds in ((2, 0.02), (0, 0.01), (0, 0.01), (1, 0.09), (1, 0.02), (0, 0.01)):
+        auto.observe(4, k, 4 * (k + 1), seconds, [], [])
+    assert [(k, t) for _, k, _, t in auto.costs.samples] == [
+        (2, 0.02), (0, 0.01), (0, 0.01), (1, 0.02), (0, 0.01)]
+    eager = AutoK(k_max=4, max_batch=8)  # vLLM's k = 0 pass: every step is a sample
+    for k in (0, 1):
+        eager.observe(4, k, 4 * (k + 1), 0.01, [], [])
+    assert len(eager.costs.samples) == 2
+
+
+@pytest.mark.parametrize("k0_pass, explored", [(True, 1), (False, 2)])
+def test_exploration_lasts_two_steps_with_deferred_passes(k0_pass, explored):
+    auto = AutoK(k_max=4, max_batch=8, k0_pass=k0_pass, calibration_steps=0,
+                 explore_every=16)
+    # verifying a row costs ten times the fixed part: drafting cannot pay at any k
+    costs = Costs(a=1e-3, b=1e-2, c=0.0, d=0.0, k0_pass=k0_pass)
+    for batch in (1, 2, 4, 8, 16, 32):  # more samples than the fit's minimum
+        for k in (0, 1, 2, 4):
+            auto.costs.add(batch, k, batch * (k + 1), float(costs.step_time(batch, k)))
+    nudged = []
+    for step in range(1, 40):
+        auto.steps = step
+        if auto.next_table()[4] != 0:
+            nudged.append(step)
+    assert auto.table[1:] == [0] * 8
+    # nudged down from 0 is still 0, so only the upward explorations show: 16 (and 17)
+    assert nudged == [16, 17][:explored]
