@@ -269,9 +269,9 @@ class LVSpecRejectionSampler(RejectionSampler):
                 delta[_C[f"rejected_{name}"]] = by_stop[code]
             delta[_C["rejected_standard"]] = (rejected & ~ours).sum()
         self.counts += delta
-        self.publish_between_verify_steps()
+        self.publish_metrics()
 
-    def publish_between_verify_steps(self) -> None:
+    def publish_metrics(self) -> None:
         """Hand the counters and gauges to the publisher (a non-blocking copy; its thread
         writes them out). Also called by the drafter in steps that verify nothing (k = 0),
         whose drafter counts still move."""

@@ -111,8 +111,8 @@ class LVSpecDrafter(DraftModelProposer):
         drafts = self._propose(num_speculative_tokens, **kwargs)
         if num_speculative_tokens == 0:  # the next step verifies nothing, so its sampler is idle
             sampler = getattr(self.runner, "rejection_sampler", None)
-            if hasattr(sampler, "publish_between_verify_steps"):
-                sampler.publish_between_verify_steps()
+            if hasattr(sampler, "publish_metrics"):
+                sampler.publish_metrics()
         return drafts
 
     def _propose(self, num_speculative_tokens, **kwargs):
@@ -152,6 +152,9 @@ class LVSpecDrafter(DraftModelProposer):
 
         cad = kwargs["common_attn_metadata"]
         runner, lag, batch = self.runner, self.lag, cad.batch_size()
+        if k > 0 and not lag.pending:  # steady drafting: nothing to catch up, vLLM's own pass
+            self._count_pass(k, batch)
+            return super().propose(k, **kwargs)
         qsl = cad.query_start_loc_cpu.tolist()
         rows = []
         for i, req_id in enumerate(runner.input_batch.req_ids[:batch]):
