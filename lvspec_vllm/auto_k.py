@@ -157,13 +157,12 @@ class AutoK:
         # With deferred k = 0 passes the first drafting step after k = 0 also catches the draft
         # up: its time is not what a step at that k costs, so it is left out of the fit, and
         # an exploration lasts two steps so that one of them is a plain sample.
-        self.catch_up = not k0_pass
-        self.explore_steps = 2 if self.catch_up else 1
+        self.explore_steps = 1 if k0_pass else 2
         self.last_k: int | None = None
 
     def observe(self, batch: int, k: int, tokens: int, seconds: float | None,
                 drafted: list[int], accepted: list[int]) -> None:
-        resumed = self.catch_up and self.last_k == 0 and k > 0
+        resumed = not self.costs.k0_pass and self.last_k == 0 and k > 0
         self.last_k = k
         if seconds is not None and not resumed:
             self.costs.add(batch, k, tokens, seconds)

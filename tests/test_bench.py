@@ -141,3 +141,25 @@ def test_repeated_serve_runs_report_the_median_per_level():
     md = markdown([none, auto], "header")
     assert "| none | 100.0 [90-120] (1.00x) | 250.0 [200-300] (1.00x) |" in md
     assert "| lvspec-auto | 95.0 [80-110] (0.95x; 2.50; k 1.5) |" in md
+
+
+def test_repeated_offline_runs_report_the_median_throughput_and_its_range():
+    from lvspec_vllm.bench.cli import markdown, merge_repeats, summarise
+
+    def run(mode, elapsed):
+        return {"mode": mode, "k": 4 if mode != "none" else 0, "n": 2, "skip": 0,
+                "texts": ["a red circle moves left.", "a blue square moves up."],
+                "token_ids": [[1, 2, 3], [4, 5]], "output_tokens": 100, "elapsed_s": elapsed,
+                "video_tokens": 16, "metrics": {}, "worker": {}}
+
+    assert merge_repeats([run("none", 2.0)]) == run("none", 2.0)  # one run stays as it was
+    none = merge_repeats([run("none", 1.0), run("none", 0.5), run("none", 2.0)])
+    assert none["output_tokens"] / none["elapsed_s"] == pytest.approx(100)  # the median
+    assert none["tokens_per_s_range"] == [50, 200] and none["repeats"] == 3
+    strict = merge_repeats([run("strict", 1.25), run("strict", 2.5)])  # 80 and 40 tokens/s
+    rows = summarise({"none": none, "strict": strict})
+    assert rows["strict"]["tokens_per_s"] == pytest.approx(60)
+    assert rows["strict"]["speedup"] == pytest.approx(0.6)
+    md = markdown(rows, "header")
+    assert "| none | 0 | – | – | 100.0 [50-200] | 1.00 |" in md
+    assert "| strict | 4 | – | – | 60.0 [40-80] | 0.60 |" in md

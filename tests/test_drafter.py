@@ -8,7 +8,7 @@ import torch
 from vllm.multimodal.inputs import PlaceholderRange
 
 from lvspec_vllm.drafter.compat import SUPPORTED_VL_DRAFTS, vl_draft_problem
-from lvspec_vllm.drafter.positions import draft_mrope_positions
+from lvspec_vllm.drafter.positions import draft_mrope_positions, sequence_positions
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
 
@@ -47,6 +47,20 @@ def test_draft_mrope_positions_after_a_video_trail_the_sequence_index():
                            [0, 1, 2, 3, 2, 3, 4]])
     got = draft_mrope_positions(target, torch.tensor([0, 7]), 1, 8)
     assert got[:, 7].tolist() == [5, 5, 5]  # sequence index 7, M-RoPE position 5
+
+
+@pytest.mark.parametrize("lengths, pad", [([1], 0), ([5, 1, 3], 0), ([2, 7], 4), ([4] * 6, 1)])
+def test_sequence_positions_end_each_request_at_its_length(lengths, pad):
+    gen = torch.Generator().manual_seed(sum(lengths) + pad)
+    qsl = [0]
+    for n in lengths:
+        qsl.append(qsl[-1] + n)
+    seq_lens = [n + int(torch.randint(0, 50, (1,), generator=gen)) for n in lengths]
+    want = [s - n + j for n, s in zip(lengths, seq_lens) for j in range(n)]
+    want += [want[-1] + 1 + j for j in range(pad)]  # padding continues the last request
+    got = sequence_positions(torch.tensor(qsl, dtype=torch.int32),
+                             torch.tensor(seq_lens, dtype=torch.int32), qsl[-1] + pad)
+    assert got.tolist() == want
 
 
 # -- the draft's encoder cache ---------------------------------------------------------------------

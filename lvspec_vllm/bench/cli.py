@@ -2,7 +2,7 @@
 
     lvspec-bench offline --target DIR --draft DIR [--modes none,strict,lvspec,no-id,no-shift,
                  no-semantic] [--k 4] [--n 64] [--max-num-seqs 8] [--lvspec-options JSON]
-                 [--frames F --upscale U] --out DIR
+                 [--frames F --upscale U] [--repeat N] --out DIR
     lvspec-bench serve ...   (throughput against `vllm serve` per concurrency: see
                               lvspec_vllm/bench/serve_sweep.py or `lvspec-bench serve -h`)
     lvspec-bench project RUN.json ...   (speedup on one GPU from measured acceptance and a
@@ -14,7 +14,9 @@ Reported:
 
 - mean accepted length, vLLM's convention: 1 + accepted / drafts (tokens per drafting step);
   and accepted per step, SpecVLM's: accepted draft tokens / drafts;
-- output tokens/s of the timed run and the speedup over "none" measured in the same invocation;
+- output tokens/s of the timed run and the speedup over "none" measured in the same invocation
+  (with ``--repeat N``, every mode runs N times in rotating order and reports the median and the
+  range: this machine's speed drifts between runs);
 - fidelity against the target's own greedy output ("none"): attribute agreement of the parsed
   captions, and token agreement (identical outputs; matching tokens position by position);
 - attribute accuracy against the ground truth;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +74,7 @@ def summarise(runs: dict[str, dict]) -> dict[str, dict]:
             "accepted_per_step": _ratio(accepted, drafts),
             "acceptance_rate": _ratio(accepted, m.get("vllm:spec_decode_num_draft_tokens", 0)),
             "tokens_per_s": r["output_tokens"] / r["elapsed_s"],
+            "tokens_per_s_range": r.get("tokens_per_s_range"),
             "output_tokens": r["output_tokens"],
             "accuracy": evaluate.accuracy(truth, parsed),
             "video_tokens": r.get("video_tokens"),
@@ -100,6 +104,17 @@ def summarise(runs: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
+def merge_repeats(reps: list[dict]) -> dict:
+    """One mode's repeated runs as one: the first run (greedy outputs and counters repeat), its
+    throughput the median over the repeats, with their range."""
+    first = reps[0]
+    if len(reps) == 1:
+        return first
+    tps = [r["output_tokens"] / r["elapsed_s"] for r in reps]
+    return {**first, "elapsed_s": first["output_tokens"] / statistics.median(tps),
+            "tokens_per_s_range": [min(tps), max(tps)], "repeats": len(reps)}
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "–"
@@ -113,9 +128,11 @@ def markdown(rows: dict[str, dict], header: str) -> str:
              "anchor precision | anchor recall |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in rows.items():
+        spread = r.get("tokens_per_s_range")
+        tps = f"{r['tokens_per_s']:.1f}" + (f" [{spread[0]:.0f}-{spread[1]:.0f}]" if spread else "")
         lines.append(
             f"| {mode} | {r['k']} | {_fmt(r['mean_accepted_length'])} | "
-            f"{_fmt(r['accepted_per_step'])} | {r['tokens_per_s']:.1f} | "
+            f"{_fmt(r['accepted_per_step'])} | {tps} | "
             f"{_fmt(r.get('speedup'))} | {_fmt(r['accuracy']['all'], True)} | "
             f"{_fmt(r.get('fidelity_attributes'), True)} | "
             f"{_fmt(r.get('identical_outputs'), True)} | "
@@ -192,6 +209,8 @@ def main(argv=None) -> None:
                      help="loop each clip to this many frames (the draft's cost on long videos)")
     off.add_argument("--upscale", type=int, default=1, help="and enlarge each frame this much")
     off.add_argument("--out", type=Path, required=True)
+    off.add_argument("--repeat", type=int, default=1,
+                     help="run the modes N times, in rotating order; tokens/s is the median")
     off.add_argument("--reuse", action="store_true",
                      help="keep run-<mode>.json files already in --out (report again)")
     srv = sub.add_parser("serve", help="throughput per concurrency against vllm serve")
@@ -236,14 +255,19 @@ def main(argv=None) -> None:
     if unknown:
         off.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for i, mode in enumerate(modes, 1):
+    reps = {mode: [] for mode in modes}
+    # The machine's speed drifts between runs; repeats rotate the order so that no mode always
+    # runs first (or last), and each reports the median.
+    order = [(r, modes[(i + r) % len(modes)]) for r in range(args.repeat)
+             for i in range(len(modes))]
+    for i, (r, mode) in enumerate(order, 1):
         t0 = time.time()
-        path = args.out / f"run-{mode}.json"
+        name = f"run-{mode}" + (f"-{r + 1}" if r else "")
+        path = args.out / f"{name}.json"
         if args.reuse and path.exists():
-            runs[mode] = json.loads(path.read_text())
+            reps[mode].append(json.loads(path.read_text()))
             continue
-        print(f"[lvspec-bench] {i}/{len(modes)} {mode} ...", flush=True)
+        print(f"[lvspec-bench] {i}/{len(order)} {mode} ...", flush=True)
         cmd = [sys.executable, "-m", "lvspec_vllm.bench.world_run", "--target", args.target,
                "--draft", args.draft, "--mode", mode, "--k", str(args.k), "--n", str(args.n),
                "--skip", str(args.skip),
@@ -251,21 +275,24 @@ def main(argv=None) -> None:
                "--lvspec-options", args.lvspec_options, "--dtype", args.dtype, "--out", str(path),
                "--upscale", str(args.upscale)]
         cmd += ["--frames", str(args.frames)] if args.frames else []
-        with open(args.out / f"run-{mode}.log", "w") as log:
+        with open(args.out / f"{name}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             sys.exit(f"[lvspec-bench] mode {mode} failed ({proc.returncode}); see "
-                     f"{args.out / f'run-{mode}.log'}")
-        runs[mode] = json.loads(path.read_text())
+                     f"{args.out / f'{name}.log'}")
+        run = json.loads(path.read_text())
+        reps[mode].append(run)
         print(f"[lvspec-bench]   done in {time.time() - t0:.0f}s: "
-              f"{runs[mode]['output_tokens'] / runs[mode]['elapsed_s']:.1f} tokens/s", flush=True)
-    rows = summarise(runs)
+              f"{run['output_tokens'] / run['elapsed_s']:.1f} tokens/s", flush=True)
+    rows = summarise({mode: merge_repeats(reps[mode]) for mode in modes})
     shape = "" if not (args.frames or args.upscale > 1) else \
         f" (looped to {args.frames or 'the same'} frames, enlarged {args.upscale}x)"
     skipped = f" after the first {args.skip}" if args.skip else ""
     header = (f"target `{args.target}`, draft `{args.draft}`, k={args.k}, {args.n} held-out "
               f"videos{skipped}{shape}, max_num_seqs={args.max_num_seqs}, dtype {args.dtype}, "
               f"greedy")
+    if args.repeat > 1:
+        header += f"; each mode {args.repeat} times in rotating order, tokens/s median [range]"
     md = markdown(rows, header)
     (args.out / "results.json").write_text(json.dumps(
         {"config": vars(args) | {"out": str(args.out)}, "modes": rows}, indent=1))

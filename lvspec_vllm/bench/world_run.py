@@ -158,6 +158,7 @@ def main(argv=None) -> None:
         "speculative_config": kwargs.get("speculative_config"),
         "texts": [o.outputs[0].text for o in outs],
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs],
         "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
         "elapsed_s": elapsed,
         "metrics": {k: _diff(v, m0.get(k)) for k, v in m1.items()},

@@ -49,7 +49,8 @@ def vl_draft_problem(target_hf_config: Any, draft_hf_config: Any) -> str | None:
     return None
 
 
-# vLLM proposer methods LVSpecDrafter overrides for a video-aware draft, with the parameters it
+# vLLM proposer methods LVSpecDrafter overrides for a video-aware draft (and for a
+# text-only draft of an M-RoPE target), with the parameters it
 # relies on (vLLM 0.32). A release that changes them must fail at startup, not mid-request.
 PROPOSER_HOOKS = {
     "set_inputs_first_pass": ("target_token_ids", "next_token_ids", "target_positions",
@@ -58,6 +59,7 @@ PROPOSER_HOOKS = {
     "build_model_inputs_first_pass": ("num_tokens", "num_input_tokens", "mm_embed_inputs"),
     "_update_positions_dependent_metadata": ("positions", "common_attn_metadata", "batch_size",
                                              "input_batch_size", "block_size"),
+    "_get_positions": ("num_tokens",),
 }
 
 

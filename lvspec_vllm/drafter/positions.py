@@ -33,3 +33,17 @@ def draft_mrope_positions(target_mrope: torch.Tensor, query_start_loc: torch.Ten
     src = qsl[req] + torch.minimum(j, last)
     beyond = (j - last).clamp(min=0)
     return target_mrope[:, src] + beyond
+
+
+def sequence_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                       num_tokens: int) -> torch.Tensor:
+    """[num_tokens] sequence positions of a step's scheduled tokens, from its attention metadata.
+
+    Request r's tokens ``qsl[r]:qsl[r + 1]`` end at position ``seq_lens[r] - 1``. Tokens past
+    ``qsl[-1]`` (padding) get the last request's continuation. No host sync.
+    """
+    qsl = query_start_loc.to(torch.long)
+    t = torch.arange(num_tokens, device=qsl.device)
+    req = torch.searchsorted(qsl[1:], t, right=True).clamp(max=qsl.numel() - 2)
+    first = seq_lens.to(device=qsl.device, dtype=torch.long) - (qsl[1:] - qsl[:-1])
+    return first[req] + t - qsl[req]

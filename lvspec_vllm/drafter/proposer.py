@@ -1,13 +1,16 @@
 """LVSpecDrafter: the draft proposer LVSpec installs in the V1 model runner.
 
 It is vLLM's ``draft_model`` proposer (own KV cache, target's vocabulary, greedy drafting) with
-two additions:
+these additions:
 
 * **A draft that sees the video.** vLLM refuses an M-RoPE draft and never shows a draft the
   request's images or videos. A same-family vision-language draft (``compat.py``) runs its own
   vision encoder on the request's pixels (``vision.py``), takes the target's M-RoPE positions in
   its first pass (``positions.py``) and advances KV slots by the sequence index, which after a
-  video runs ahead of M-RoPE's temporal row. A text-only draft drafts exactly as vLLM's does.
+  video runs ahead of M-RoPE's temporal row.
+* **A text-only draft of an M-RoPE target** drafts as vLLM's does (RoPE on the target's temporal
+  row), except that its KV slots follow the sequence index: vLLM derives them from the temporal
+  row, which after a video puts later tokens' KV on earlier tokens' slots.
 * **Pruning (SpecVLM, opt-in).** The draft keeps a share of each video's tokens, chosen from the
   target's prefill attention, and runs on a compacted copy of the request's sequence
   (``pruning.py``; ``_decide_pruning``, ``_drop_pruned``).
@@ -32,7 +35,7 @@ import torch
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from lvspec_vllm.drafter.compat import proposer_hook_problems
-from lvspec_vllm.drafter.positions import draft_mrope_positions
+from lvspec_vllm.drafter.positions import draft_mrope_positions, sequence_positions
 from lvspec_vllm.drafter.timing import StepTimer
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
@@ -56,14 +59,20 @@ class LVSpecDrafter(DraftModelProposer):
         self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
         self.timer = StepTimer(device)
         self.vision: DraftVision | None = None
-        if self.sees_video and (problems := proposer_hook_problems(DraftModelProposer)):
-            raise RuntimeError("LVSpec's video-aware drafter does not fit this vLLM's draft "
-                               "proposer: " + "; ".join(problems))
         if self.sees_video and self.uses_mrope:
             # vLLM keeps only M-RoPE rows for an M-RoPE draft; KV slots need the sequence index
             self.positions = torch.zeros(self.max_positions, dtype=torch.int64,
                                          device=self.device)
         self._seq_next: torch.Tensor | None = None
+        # A text-only draft of an M-RoPE target: KV slots follow the sequence index
+        # (self.positions), RoPE the target's temporal row, as vLLM intends (both buffers 1-D).
+        self._rope = torch.zeros_like(self.positions) if not self.sees_video and \
+            vllm_config.model_config.uses_mrope else None
+        self._rope_delta: torch.Tensor | None = None  # per request: RoPE minus sequence index
+        if (self.sees_video or self._rope is not None) and \
+                (problems := proposer_hook_problems(DraftModelProposer)):
+            raise RuntimeError("LVSpec's drafter does not fit this vLLM's draft proposer: "
+                               + "; ".join(problems))
         self._mm_inputs = None
         self._retained_for: set[str] = set()  # the request ids the cache was last pruned for
         # SpecVLM pruning (enable_pruning): {req_id: {item index: pruned sequence positions}}
@@ -230,17 +239,37 @@ class LVSpecDrafter(DraftModelProposer):
         req_ids = self.runner.input_batch.req_ids[:cad.batch_size()]
         return req_ids, [self.runner.requests[r].num_computed_tokens for r in req_ids]
 
+    def _sequence_positions(self, cad, num_tokens: int) -> torch.Tensor:
+        """Sequence positions of the pass's target tokens (the catch-up pass built its own)."""
+        if self._pass is not None:
+            return self._pass[2]
+        return sequence_positions(cad.query_start_loc, cad.seq_lens, num_tokens)
+
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions,
                               target_hidden_states, token_indices_to_sample, cad,
                               num_rejected_tokens_gpu):
         if not self.sees_video:
-            return super().set_inputs_first_pass(
-                target_token_ids, next_token_ids, target_positions, target_hidden_states,
+            if self._rope is None:
+                return super().set_inputs_first_pass(
+                    target_token_ids, next_token_ids, target_positions, target_hidden_states,
+                    token_indices_to_sample, cad, num_rejected_tokens_gpu)
+            # vLLM's copy kernel reads the first (temporal) of an M-RoPE target's 3 rows and
+            # computes the KV slots from it. After a video that row trails the sequence index,
+            # so the slots would land on earlier tokens'. Slots take the index; the temporal
+            # row stays the draft's RoPE position.
+            mrope = target_positions
+            out = super().set_inputs_first_pass(
+                target_token_ids, next_token_ids,
+                self._sequence_positions(cad, target_token_ids.shape[0]), target_hidden_states,
                 token_indices_to_sample, cad, num_rejected_tokens_gpu)
+            num_tokens, tis = out[0], out[1]
+            self._rope[:num_tokens] = draft_mrope_positions(
+                mrope, cad.query_start_loc, self.extra_slots_per_request, num_tokens)[0]
+            self._rope_delta = self._rope[tis] - self.positions[tis]
+            return out
         mrope = target_positions if self.uses_mrope else None
         if mrope is not None:  # vLLM's copy kernel and slot mapping take sequence positions
-            target_positions = self._pass[2] if self._pass is not None else \
-                self.runner.positions[:target_token_ids.shape[0]]
+            target_positions = self._sequence_positions(cad, target_token_ids.shape[0])
         num_tokens, token_indices_to_sample, new_cad = super().set_inputs_first_pass(
             target_token_ids, next_token_ids, target_positions, target_hidden_states,
             token_indices_to_sample, cad, num_rejected_tokens_gpu)
@@ -378,8 +407,18 @@ class LVSpecDrafter(DraftModelProposer):
         return super().build_model_inputs_first_pass(num_tokens, num_input_tokens,
                                                       mm_embed_inputs)
 
+    def _get_positions(self, num_tokens: int):
+        if self._rope is not None:  # the model's RoPE positions; self.positions holds the index
+            return self._rope[:num_tokens]
+        return super()._get_positions(num_tokens)
+
     def _update_positions_dependent_metadata(self, positions, common_attn_metadata, batch_size,
                                              input_batch_size, block_size):
+        if self._rope is not None:  # drafted tokens are text: RoPE advances with the index
+            seq = super()._update_positions_dependent_metadata(
+                positions, common_attn_metadata, batch_size, input_batch_size, block_size)
+            self._rope[:batch_size] = seq + self._rope_delta
+            return seq
         if not (self.sees_video and self.uses_mrope):
             return super()._update_positions_dependent_metadata(
                 positions, common_attn_metadata, batch_size, input_batch_size, block_size)

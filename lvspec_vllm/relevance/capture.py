@@ -59,6 +59,7 @@ class RelevanceCapture:
         self.prompt_scores: dict[str, torch.Tensor] | None = {} if prompt_scores else None
         self.first_layer = min(layers.values()) if layers else None
         self._keys: dict[tuple[str, int], torch.Tensor] = {}
+        self._visual: dict[str, torch.Tensor] = {}  # a request's visual runs, built once
         self._plan: list[tuple] = []
         self.mass_sum: torch.Tensor | None = None  # [num_tokens] summed over heads and layers
         self.heads: int = 0  # query heads on this rank, per layer
@@ -71,6 +72,8 @@ class RelevanceCapture:
         live = self.runner.requests
         for key in [k for k in self._keys if k[0] not in live]:
             del self._keys[key]
+        for req_id in [r for r in self._visual if r not in live]:
+            del self._visual[req_id]
         if self.prompt_scores:
             for req_id in [r for r in self.prompt_scores if r not in live]:
                 del self.prompt_scores[req_id]
@@ -89,7 +92,10 @@ class RelevanceCapture:
             # last. A request without drafts this step (prefill, or k = 0) needs no masses.
             verified = int(batch.num_tokens_no_spec[i]) - 1
             rows = (max(verified - first_pos, 0), max(q_len - 1, 0)) if self.masses else (0, 0)
-            visual = visual_ranges([f.mm_position for f in request.mm_features])
+            visual = self._visual.get(req_id)
+            if visual is None:
+                visual = self._visual[req_id] = visual_ranges(
+                    [f.mm_position for f in request.mm_features])
             self._plan.append((req_id, qsl[i], q_len, first_pos, rows, visual,
                                request.num_prompt_tokens))
             if first_pos == 0 and self.prompt_scores:

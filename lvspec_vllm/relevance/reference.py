@@ -66,17 +66,14 @@ def visual_ranges(mm_positions, device="cpu") -> torch.Tensor:
     runs = []
     for p in mm_positions:
         if p.is_embed is None:
-            runs.append((p.offset, p.offset + p.length))
+            runs.append(torch.tensor([[p.offset, p.offset + p.length]]))
             continue
-        embed = p.is_embed.tolist()
-        i = 0
-        while i < len(embed):
-            if embed[i]:
-                j = i
-                while j < len(embed) and embed[j]:
-                    j += 1
-                runs.append((p.offset + i, p.offset + j))
-                i = j
-            else:
-                i += 1
-    return torch.tensor(runs, dtype=torch.int32, device=device).reshape(-1, 2)
+        # run boundaries of the mask, without a Python loop over a long video's tokens
+        mask = torch.as_tensor(p.is_embed, dtype=torch.int8).cpu()
+        edges = torch.diff(mask, prepend=mask.new_zeros(1), append=mask.new_zeros(1))
+        starts = (edges == 1).nonzero().squeeze(1)
+        ends = (edges == -1).nonzero().squeeze(1)
+        runs.append(torch.stack([starts, ends], dim=1) + p.offset)
+    if not runs:
+        return torch.zeros(0, 2, dtype=torch.int32, device=device)
+    return torch.cat(runs).to(device=device, dtype=torch.int32)
