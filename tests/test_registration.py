@@ -68,3 +68,34 @@ def test_registry_refuses_a_second_patch_of_the_same_attribute():
 
     with pytest.raises(RuntimeError, match="already patched by CreateSpeculativeConfigPatch"):
         Intruder.apply()
+
+
+def _scheduler(lvspec: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(vllm_config=SimpleNamespace(
+        additional_config={"lvspec": {}} if lvspec else {}), dynamic_sd_lookup=[0, 0])
+
+
+@pytest.mark.parametrize("lvspec, k, batch_queue, model_executed, fetches", [
+    (True, 0, None, True, False),      # nothing was drafted: no round trip
+    (True, 4, None, True, True),       # drafts to fetch
+    (False, 0, None, True, True),      # another method's engine: vLLM's post_step as it is
+    (True, 0, [], True, True),         # a batch queue: the last finished step need not be last
+    (True, 0, None, False, True),      # nothing executed: vLLM decides (and does nothing)
+])
+def test_post_step_fetches_drafts_unless_the_step_drafted_nothing(lvspec, k, batch_queue,
+                                                                  model_executed, fetches):
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
+    from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
+
+    scheduler = _scheduler(lvspec)
+    step = SimpleNamespace(num_spec_tokens_to_schedule=k)
+    SchedulerUpdatePatch.wrapper(lambda *a: "outputs", scheduler, step, None)
+    calls = []
+    core = SimpleNamespace(scheduler=scheduler, batch_queue=batch_queue)
+    EngineCorePostStepPatch.wrapper(lambda s, executed: calls.append(executed), core,
+                                    model_executed)
+    assert calls == ([model_executed] if fetches else [])

