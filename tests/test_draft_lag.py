@@ -78,7 +78,7 @@ def test_a_pass_over_a_subset_keeps_the_rows_order_and_query_lengths():
     run, wait, qsl = _step(lag, rows, 0, [[3], [9, 9, 9], [4]])
     assert run == [1] and wait == [0, 2]
     layout = lag.layout(rows, run, qsl, 5)
-    assert layout.rows == [1] and layout.query_start_loc.tolist() == [0, 3]
+    assert layout.first == [0] and layout.query_start_loc.tolist() == [0, 3]
     assert layout.src.tolist() == [1, 2, 3]
     assert lag.pending["a"].count == 2 and lag.pending["b"].count == 2
 

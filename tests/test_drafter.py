@@ -1,6 +1,7 @@
 """The video-aware drafter's pure parts: first-pass M-RoPE positions, the draft's encoder cache and
 where its embeddings go, and which vision-language drafts fit which targets."""
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,10 @@ from lvspec_vllm.drafter.vision import DraftVision, Window
 
 
 # -- positions -------------------------------------------------------------------------------------
+def _qsl(lengths):
+    return [0, *itertools.accumulate(lengths)]
+
+
 def _reference_positions(target, qsl, slots):
     """Loop version: request r's token j sits at qsl[r] + r*slots + j; within the target's tokens
     it takes the target's rows, past them it is text one past the last row per step."""
@@ -30,9 +35,7 @@ def _reference_positions(target, qsl, slots):
 @pytest.mark.parametrize("lengths, slots", [([1], 1), ([5, 1, 3], 1), ([2, 7], 3), ([4] * 6, 1)])
 def test_draft_mrope_positions_follow_the_target_then_advance_as_text(lengths, slots):
     gen = torch.Generator().manual_seed(sum(lengths) + slots)
-    qsl = [0]
-    for n in lengths:
-        qsl.append(qsl[-1] + n)
+    qsl = _qsl(lengths)
     target = torch.randint(0, 1000, (3, qsl[-1]), generator=gen)
     num_out = qsl[-1] + slots * len(lengths)
     got = draft_mrope_positions(target, torch.tensor(qsl, dtype=torch.int32), slots, num_out)
@@ -52,9 +55,7 @@ def test_draft_mrope_positions_after_a_video_trail_the_sequence_index():
 @pytest.mark.parametrize("lengths, pad", [([1], 0), ([5, 1, 3], 0), ([2, 7], 4), ([4] * 6, 1)])
 def test_sequence_positions_end_each_request_at_its_length(lengths, pad):
     gen = torch.Generator().manual_seed(sum(lengths) + pad)
-    qsl = [0]
-    for n in lengths:
-        qsl.append(qsl[-1] + n)
+    qsl = _qsl(lengths)
     seq_lens = [n + int(torch.randint(0, 50, (1,), generator=gen)) for n in lengths]
     want = [s - n + j for n, s in zip(lengths, seq_lens) for j in range(n)]
     want += [want[-1] + 1 + j for j in range(pad)]  # padding continues the last request

@@ -14,7 +14,7 @@ and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up a
 ``--repeat N`` the modes run N times in turns and each level reports the median and the range.
 
 Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fixed k),
-lvspec-schedule (loose, vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose,
+lvspec-k1 and lvspec-k2 (loose, k fixed at 1 or 2 whatever --k says), lvspec-schedule (loose, vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose,
 auto_k); lvspec-schedule-eager and lvspec-auto-eager run a draft forward in every k = 0 step,
 as vLLM does (``draft_catch_up`` off).
 """
@@ -35,6 +35,9 @@ SERVE_MODES = {
     "lvspec": {"loose": True},
     "lvspec-schedule": {"loose": True},
     "lvspec-auto": {"loose": True, "auto_k": True},
+    # fixed k below --k, so that the best fixed k runs in the same turns as auto_k
+    "lvspec-k1": {"loose": True, "num_speculative_tokens": 1},
+    "lvspec-k2": {"loose": True, "num_speculative_tokens": 2},
     # the same with vLLM's draft forward in every k = 0 step (no deferred draft passes)
     "lvspec-schedule-eager": {"loose": True, "draft_catch_up": False},
     "lvspec-auto-eager": {"loose": True, "auto_k": True, "draft_catch_up": False},

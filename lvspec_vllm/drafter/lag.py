@@ -52,12 +52,12 @@ class Pending:
 
 @dataclass(frozen=True)
 class Layout:
-    """One draft pass: ``rows`` of the step (batch order), each with its pending tokens first.
+    """One draft pass over some of the step's rows (batch order), each with its pending tokens
+    first.
 
     ``src`` indexes ``cat(step token ids, DraftLag.ids.view(-1))`` and ``mrope_src`` indexes
     ``cat(step M-RoPE columns, the pending tokens' M-RoPE columns)``; both are host tensors."""
 
-    rows: list[int]
     query_start_loc: torch.Tensor  # [len(rows) + 1] int32
     first: list[int]  # sequence position of each pass row's first token
     positions: torch.Tensor  # [num_tokens] sequence positions
@@ -150,7 +150,7 @@ class DraftLag:
             positions.extend(range(row.first - n, row.first + b - a))
             first.append(row.first - n)
             qsl.append(qsl[-1] + n + b - a)
-        return Layout(rows=list(run), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        return Layout(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
                       first=first, positions=torch.tensor(positions, dtype=torch.long),
                       src=torch.tensor(src, dtype=torch.long),
                       mrope_src=torch.tensor(mrope_src, dtype=torch.long),
@@ -202,10 +202,12 @@ _TARGET_ROWS = ("positions", "logits_indices_padded", "num_logits_indices",
                 "_token_to_req_indices_cache")
 
 
-def subset_metadata(cad, index: torch.Tensor, layout: Layout, block_size: int, device):
+def subset_metadata(cad, index: torch.Tensor, layout: Layout, device):
     """vLLM's CommonAttentionMetadata for the pass: the requests ``index`` of the step, with the
     layout's query lengths (sequence lengths are unchanged: the deferred tokens were counted as
-    computed)."""
+    computed). The slot mapping is left empty: a draft model's first pass recomputes it from the
+    positions (``needs_extra_input_slots``, checked by ``enable_catch_up``), and an empty one
+    fails loudly if anything read it first."""
     fields = {}
     for name in _PER_REQUEST:
         value = getattr(cad, name, None)
@@ -217,12 +219,6 @@ def subset_metadata(cad, index: torch.Tensor, layout: Layout, block_size: int, d
             fields[name] = None
     qsl = layout.query_start_loc
     lens = torch.diff(qsl)
-    blocks = fields["block_table_tensor"]
-    # the target's slots for the pass's rows (the draft recomputes its own from the positions)
-    pos = layout.positions.to(blocks.device)
-    req = torch.repeat_interleave(torch.arange(len(lens), device=blocks.device),
-                                  lens.to(blocks.device))
-    slots = blocks[req, pos // block_size].long() * block_size + pos % block_size
     seq_lens_cpu = cad.seq_lens_cpu_upper_bound
     return cad.replace(
         query_start_loc=qsl.to(device), query_start_loc_cpu=qsl,
@@ -230,4 +226,4 @@ def subset_metadata(cad, index: torch.Tensor, layout: Layout, block_size: int, d
         max_query_len=int(lens.max()),
         max_seq_len=cad.max_seq_len if seq_lens_cpu is None
         else int(seq_lens_cpu[index].max()),
-        slot_mapping=slots.to(device=device, dtype=cad.slot_mapping.dtype), **fields)
+        slot_mapping=cad.slot_mapping[:0], **fields)

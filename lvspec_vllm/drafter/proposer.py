@@ -154,6 +154,11 @@ class LVSpecDrafter(DraftModelProposer):
 
     def enable_catch_up(self) -> None:
         """Defer k = 0 draft passes of decoding requests (``lag.py``)."""
+        if not self.needs_extra_input_slots:
+            # a catch-up pass leaves the KV slots to vLLM's first pass, which computes them
+            # only on this path (always taken by draft models)
+            raise RuntimeError("LVSpec 'draft_catch_up' needs vLLM's draft-model first pass "
+                               "with an extra input slot per request")
         self._catch_up = not self.never_drafts
 
     def _propose_catching_up(self, k: int, kwargs):
@@ -226,7 +231,7 @@ class LVSpecDrafter(DraftModelProposer):
             target_hidden_states=kwargs["target_hidden_states"],
             next_token_ids=kwargs["next_token_ids"][dev_index],
             token_indices_to_sample=None,  # the draft-model path computes its own
-            common_attn_metadata=subset_metadata(cad, index, layout, self.block_size, dev),
+            common_attn_metadata=subset_metadata(cad, index, layout, dev),
             sampling_metadata=kwargs["sampling_metadata"],
             mm_embed_inputs=None,  # a video-aware draft gathers its own (below)
             num_rejected_tokens_gpu=None if rejected is None else rejected[dev_index],
