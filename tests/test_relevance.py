@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lvspec_vllm.relevance.reference import relevance_from_masses, visual_mass, visual_ranges
+from lvspec_vllm.relevance.reference import (batched_visual_mass, relevance_from_masses,
+                                             visual_mass, visual_ranges)
 
 
 @pytest.mark.parametrize("seed, hq, hkv", [(0, 4, 4), (1, 8, 2), (2, 6, 1), (3, 4, 2)])
@@ -23,6 +24,34 @@ def test_mass_equals_explicit_softmax(seed, hq, hkv):
             s = (k[: ctx[r], h // (hq // hkv)] @ q[r, h]) * D ** -0.5
             p = torch.softmax(s, dim=0)
             assert torch.isclose(got[r, h], p[visual[: ctx[r]]].sum(), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed, hq, hkv", [(0, 4, 4), (1, 8, 2), (2, 6, 1), (3, 4, 2)])
+def test_batched_mass_equals_the_per_request_reference(seed, hq, hkv):
+    """Requests of different lengths and visual layouts, rows in shuffled order, one request
+    whose rows see no visual key: row for row what ``visual_mass`` gives per request."""
+    g = torch.Generator().manual_seed(seed)
+    D = 8
+    lengths = [int(x) for x in torch.randint(3, 30, (4,), generator=g)]
+    keys = [torch.randn(n, hkv, D, generator=g) for n in lengths]
+    visual = [torch.rand(n, generator=g) < 0.4 for n in lengths]
+    visual[1][:] = False
+    rows, want = [], []
+    for b, n in enumerate(lengths):
+        ctx = torch.randint(1, n + 1, (int(torch.randint(1, 4, (1,), generator=g)),),
+                            generator=g)
+        q = torch.randn(len(ctx), hq, D, generator=g)
+        want.append(visual_mass(q, keys[b], visual[b], ctx, D ** -0.5))
+        rows += [(b, q[i], ctx[i]) for i in range(len(ctx))]
+    order = torch.randperm(len(rows), generator=g).tolist()
+    padded = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True)
+    vis = torch.nn.utils.rnn.pad_sequence(visual, batch_first=True)
+    got = batched_visual_mass(torch.stack([rows[i][1] for i in order]), padded, vis,
+                              torch.tensor([rows[i][0] for i in order]),
+                              torch.stack([rows[i][2] for i in order]), D ** -0.5)
+    flat = torch.cat(want)
+    assert torch.allclose(got, flat[order], atol=1e-6)
+    assert got[[j for j, i in enumerate(order) if rows[i][0] == 1]].eq(0).all()
 
 
 def test_no_visual_key_in_context_gives_zero():

@@ -3,8 +3,10 @@
 The target's selected attention layers call ``observe`` with their post-RoPE query and key
 (see ``lvspec_vllm.patches.attention``). For every request with images or videos, the keys are
 kept by sequence position (so chunked prefill, rejected drafts and recompute after preemption
-simply overwrite them), and for every row that verifies a draft this step the per-head visual mass is computed with ``reference.visual_mass`` and summed over heads
-and layers into a per-token buffer, in batch order. The rejection sampler reads that buffer.
+simply overwrite them), and for every row that verifies a draft this step the per-head visual
+mass is computed, for all requests of the step at once (``reference.batched_visual_mass``: the
+per-step cost does not grow a Python loop with the batch), and summed over heads and layers into
+a per-token buffer, in batch order. The rejection sampler reads that buffer.
 
 With ``draft_pruning`` it also scores the prompt for the draft (``prompt_scores``): the attention
 each key receives from the prompt's text rows after a visual token, SpecVLM's stage I. Pruning
@@ -23,7 +25,7 @@ import re
 
 import torch
 
-from lvspec_vllm.relevance.reference import key_attention, visual_mass, visual_ranges
+from lvspec_vllm.relevance.reference import batched_visual_mass, key_attention, visual_ranges
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -60,7 +62,11 @@ class RelevanceCapture:
         self.first_layer = min(layers.values()) if layers else None
         self._keys: dict[tuple[str, int], torch.Tensor] = {}
         self._visual: dict[str, torch.Tensor] = {}  # a request's visual runs, built once
+        self._visual_mask: dict[str, torch.Tensor] = {}  # and as a mask over its prompt
         self._plan: list[tuple] = []
+        # this step's verify rows, the same for every layer: (request ids, their lengths,
+        # row index in the step, row -> request, row context length, padded visual mask)
+        self._verify: tuple | None = None
         self.mass_sum: torch.Tensor | None = None  # [num_tokens] summed over heads and layers
         self.heads: int = 0  # query heads on this rank, per layer
         # tests: {(req_id, position): {layer: mean mass over this rank's heads}, "steps":
@@ -74,6 +80,7 @@ class RelevanceCapture:
             del self._keys[key]
         for req_id in [r for r in self._visual if r not in live]:
             del self._visual[req_id]
+            self._visual_mask.pop(req_id, None)
         if self.prompt_scores:
             for req_id in [r for r in self.prompt_scores if r not in live]:
                 del self.prompt_scores[req_id]
@@ -102,6 +109,37 @@ class RelevanceCapture:
                 self.prompt_scores.pop(req_id, None)  # a (re)started prefill scores afresh
         self.mass_sum = torch.zeros(num_tokens, dtype=torch.float32, device=device) \
             if self.masses else None
+        self._verify = self._verify_rows(device)
+
+    def _verify_rows(self, device) -> tuple | None:
+        req_ids, lengths, rows, row_req, ctx = [], [], [], [], []
+        for req_id, start, q_len, first_pos, (first_row, end_row), ranges, _ in self._plan:
+            if first_row >= end_row:
+                continue
+            rows.extend(range(start + first_row, start + end_row))
+            row_req.extend([len(req_ids)] * (end_row - first_row))
+            ctx.extend(range(first_pos + first_row + 1, first_pos + end_row + 1))
+            req_ids.append(req_id)
+            lengths.append(first_pos + q_len)
+        if not req_ids:
+            return None
+        visual = torch.zeros(len(req_ids), max(lengths), dtype=torch.bool)
+        for b, req_id in enumerate(req_ids):
+            mask = self._visual_mask.get(req_id)
+            if mask is None:
+                ranges = self._visual[req_id]
+                mask = torch.zeros(int(ranges[:, 1].max()) if ranges.numel() else 0,
+                                   dtype=torch.bool)
+                for a, e in ranges.tolist():
+                    mask[a:e] = True
+                mask = self._visual_mask[req_id] = mask
+            n = min(mask.numel(), lengths[b])
+            visual[b, :n] = mask[:n]
+
+        def tensor(x):
+            return torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
+
+        return req_ids, lengths, tensor(rows), tensor(row_req), tensor(ctx), visual.to(device)
 
     def observe(self, layer_name: str, query: torch.Tensor, key: torch.Tensor, attn_metadata,
                 scale: float, num_heads: int, num_kv_heads: int, head_size: int) -> None:
@@ -126,18 +164,19 @@ class RelevanceCapture:
                                    prompt_len, ranges, scale)
                 if not self.masses and end_pos >= prompt_len:
                     del self._keys[(req_id, layer)]
-            if first_row >= end_row:
-                continue
-            visual = torch.zeros(end_pos, dtype=torch.bool, device=q.device)
-            for a, b in ranges.tolist():
-                visual[a:min(b, end_pos)] = True
-            ctx = torch.arange(first_pos + first_row + 1, first_pos + end_row + 1, device=q.device)
-            mass = visual_mass(q[start + first_row:start + end_row], store[:end_pos], visual, ctx,
-                               scale)
-            self.mass_sum[start + first_row:start + end_row] += mass.sum(dim=-1)
-            if self.record is not None:
-                for i, m in enumerate(mass.mean(dim=-1).tolist()):
-                    self.record.setdefault((req_id, first_pos + first_row + i), {})[layer] = m
+        if self._verify is not None:
+            self._masses(layer, q, scale)
+
+    def _masses(self, layer: int, q: torch.Tensor, scale: float) -> None:
+        """The visual masses of every verify row of the step at this layer, in one batch."""
+        req_ids, lengths, rows, row_req, ctx, visual = self._verify
+        keys = torch.nn.utils.rnn.pad_sequence(
+            [self._keys[(r, layer)][:n] for r, n in zip(req_ids, lengths)], batch_first=True)
+        mass = batched_visual_mass(q[rows], keys, visual, row_req, ctx, scale)
+        self.mass_sum.index_add_(0, rows, mass.sum(dim=-1))
+        if self.record is not None:
+            for r, c, m in zip(row_req.tolist(), ctx.tolist(), mass.mean(dim=-1).tolist()):
+                self.record.setdefault((req_ids[r], c - 1), {})[layer] = m
 
     def _score_prompt(self, req_id, q, keys, first_pos, prompt_len, ranges, scale) -> None:
         """Stage-I scores: attention from this step's prompt text rows that follow a visual

@@ -44,6 +44,33 @@ def visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
     return torch.exp(lse_vis - lse_all)  # exp(-inf) = 0 when no visual key
 
 
+def batched_visual_mass(query: torch.Tensor, keys: torch.Tensor, visual: torch.Tensor,
+                        row_req: torch.Tensor, context_len: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """``visual_mass`` for the verify rows of several requests in one batch of tensor ops.
+
+    query        [R, Hq, D]     post-RoPE queries, rows of any request in any order
+    keys         [B, N, Hkv, D] post-RoPE keys, request b's positions 0..N-1 (padded past its
+                                length; padding is never in a row's context)
+    visual       [B, N] bool    positions holding image/video embeddings
+    row_req      [R] int        the request (index into keys) of each row
+    context_len  [R] int        row r attends to positions [0, context_len[r]) of its request
+    returns      [R, Hq] float32, row for row what ``visual_mass`` gives for the row's request
+    """
+    R, Hq, D = query.shape
+    Hkv = keys.shape[2]
+    k = keys[row_req].float()                                         # [R, N, Hkv, D]
+    q = query.float().view(R, Hkv, Hq // Hkv, D)                      # head h reads h // G
+    scores = torch.einsum("rkgd,rnkd->rkgn", q, k).reshape(R, Hq, -1) * scale
+    pos = torch.arange(keys.shape[1], device=query.device)
+    causal = pos[None, :] < context_len[:, None].to(query.device)   # [R, N]
+    scores = scores.masked_fill(~causal[:, None, :], float("-inf"))
+    lse_all = torch.logsumexp(scores, dim=-1)
+    vis = visual.to(query.device)[row_req]                            # [R, N]
+    lse_vis = torch.logsumexp(scores.masked_fill(~vis[:, None, :], float("-inf")), dim=-1)
+    return torch.exp(lse_vis - lse_all)
+
+
 def key_attention(query: torch.Tensor, keys: torch.Tensor, context_len: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """[N] float32: the attention weight each key receives, summed over R query rows and all
