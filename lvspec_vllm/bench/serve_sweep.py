@@ -14,8 +14,9 @@ and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up a
 ``--repeat N`` the modes run N times in turns and each level reports the median and the range.
 
 Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fixed k),
-lvspec-k1 and lvspec-k2 (loose, k fixed at 1 or 2 whatever --k says), lvspec-schedule (loose, vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose,
-auto_k); lvspec-schedule-eager and lvspec-auto-eager run a draft forward in every k = 0 step,
+lvspec-k1 and lvspec-k2 (loose, k fixed at 1 or 2 whatever --k says), lvspec-schedule (loose,
+vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose, auto_k);
+lvspec-schedule-eager and lvspec-auto-eager run a draft forward in every k = 0 step,
 as vLLM does (``draft_catch_up`` off).
 """
 

@@ -58,7 +58,7 @@ class Layout:
     ``src`` indexes ``cat(step token ids, DraftLag.ids.view(-1))`` and ``mrope_src`` indexes
     ``cat(step M-RoPE columns, the pending tokens' M-RoPE columns)``; both are host tensors."""
 
-    query_start_loc: torch.Tensor  # [len(rows) + 1] int32
+    query_start_loc: torch.Tensor  # [pass rows + 1] int32
     first: list[int]  # sequence position of each pass row's first token
     positions: torch.Tensor  # [num_tokens] sequence positions
     src: torch.Tensor  # [num_tokens]
