@@ -3,18 +3,31 @@
 Goodput of drafting k tokens per request at batch size B::
 
     E(k)    = 1 + sum_{j=1..k} prod_{i=1..j} alpha_i       tokens per request and step
-    T(B, k) = a + b * N + p(k) * (c + d * B)               seconds per step, N = B * (k + 1)
-    G(B, k) = B * E(k) / T(B, k)                           tokens per second
+    T_B(k)  = the engine's measured step time at B and k    seconds per step
+    G(B, k) = B * E(k) / T_B(k)                            tokens per second
 
 ``alpha_i`` is the measured probability that draft position i is accepted given that the ones
-before it were (pooled over requests, decaying, starting from a prior). The step time has a
-fixed part ``a``, the target's cost per scheduled token ``b`` (N tokens: B * (k + 1) in decode;
-the fit sees prefill chunks too), and ``p(k)``
-draft forwards of ``c + d * B`` each: k of them, and at k = 0 one that only keeps the draft's KV
-cache in step, unless the drafter defers it (``draft_catch_up``, then p(0) = 0 and the tokens are
-caught up inside a later pass). ``a, b, c, d`` are fitted by least squares to the step times the engine
-measures (``StepCostModel``); the chosen k maximises G (ties to the smaller k). k = 0 wins when
-drafting cannot pay: then no token is drafted or verified beyond the normal decode.
+before it were (pooled over requests, decaying, starting from a prior). The chosen k maximises G
+(ties to the smaller k); k = 0 wins when drafting cannot pay: then no token is drafted or
+verified beyond the normal decode.
+
+``T_B(k)`` is measured, not assumed (``StepCostModel``): around every batch size B of a grid (two
+points per doubling), a weighted least-squares fit to the step times the engine measured, each
+sample weighted by a Gaussian in log2(B_i / B) (width half a doubling), with
+
+    t_i = T_B(k_i) + (s + s' * k_i) * (B_i - B) + f * prefill tokens_i
+
+one level T_B(k) per k, a slope for the spread of batch sizes inside the window, and the cost
+of the prefill chunks a step also computed (the decode step alone is what k changes; prefill
+work is the same whatever k). No shape in k is assumed: a verify pass is flat in its rows until
+it turns compute-bound, and a k = 0 step may or may not run a draft forward (vLLM's proposer
+runs one to keep the draft's KV cache in step; ``draft_catch_up`` defers it). A k without
+samples near B is interpolated linearly from the nearest measured k (the end's slope outside
+them), and the levels are made non-decreasing in k. A batch size with fewer than two measured k
+near it takes the nearest fitted one's levels. One linear model over every batch size (this
+module's first form, T = a + b N + p(k) (c + d B)) does not fit a real engine: on a 2-core CPU
+the many samples of large batches set its fixed part and its draft cost at one request, and it
+chose k = 4 for one request where k = 1 was faster.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
@@ -22,7 +35,6 @@ feeds it and applies the choice through vLLM's own per-batch-size k table.
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,15 +49,12 @@ def expected_tokens(alpha, k: int) -> float:
     return e
 
 
-def draft_passes(k, k0_pass: bool = True):
-    """Draft forwards in a step that drafts k tokens (one at k = 0 if that step keeps the
-    draft's KV cache in step)."""
-    return np.maximum(k, 1 if k0_pass else 0)
-
-
 @dataclass(frozen=True)
 class Costs:
-    """Seconds: a fixed, b per verified row, c + d * B per draft forward."""
+    """A closed-form step time in seconds: fixed a, b per verified row, c + d * B per draft
+    forward (k of them, and one at k = 0 unless the drafter defers it): the shape this
+    module's first cost model assumed, now what the tests' simulated engines run on.
+    ``choose_k`` takes it or the fitted ``StepTimes``."""
     a: float
     b: float
     c: float
@@ -53,11 +62,26 @@ class Costs:
     k0_pass: bool = True  # a k = 0 step runs a draft forward
 
     def step_time(self, batch, k):
-        return self.a + self.b * batch * (k + 1) + \
-            draft_passes(k, self.k0_pass) * (self.c + self.d * batch)
+        passes = np.maximum(k, 1 if self.k0_pass else 0)
+        return self.a + self.b * batch * (k + 1) + passes * (self.c + self.d * batch)
 
 
-def goodput_table(alpha, costs: Costs, max_batch: int, k_max: int) -> np.ndarray:
+@dataclass(frozen=True)
+class StepTimes:
+    """Fitted seconds per step, ``times[i, k]`` at batch size ``grid[i]``; any other batch size
+    takes the grid point nearest in log2."""
+    grid: np.ndarray   # batch sizes, increasing
+    times: np.ndarray  # [len(grid), k_max + 1]
+
+    def index(self, batch):
+        b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
+        return np.abs(b[..., None] - np.log2(self.grid)).argmin(axis=-1)
+
+    def step_time(self, batch, k):
+        return self.times[self.index(batch), k]
+
+
+def goodput_table(alpha, costs, max_batch: int, k_max: int) -> np.ndarray:
     """[max_batch + 1, k_max + 1] tokens/s for every batch size and k (row 0 unused)."""
     e = np.array([expected_tokens(alpha, k) for k in range(k_max + 1)])
     batch = np.arange(max_batch + 1)[:, None].astype(float)
@@ -66,7 +90,7 @@ def goodput_table(alpha, costs: Costs, max_batch: int, k_max: int) -> np.ndarray
     return batch * e[None, :] / np.maximum(t, 1e-9)
 
 
-def choose_k(alpha, costs: Costs, max_batch: int, k_max: int) -> list[int]:
+def choose_k(alpha, costs, max_batch: int, k_max: int) -> list[int]:
     """Best k for every batch size 0..max_batch (index 0 unused), ties to the smaller k."""
     g = goodput_table(alpha, costs, max_batch, k_max)
     best = g.max(axis=1, keepdims=True)
@@ -99,73 +123,122 @@ class AcceptanceProfile:
 
 
 class StepCostModel:
-    """Least-squares fit of ``Costs`` to measured (batch, k, seconds), over a sliding window."""
+    """``StepTimes`` fitted to measured (batch, k, prefill tokens, seconds) by local regression
+    in the batch size (see the module docstring). Samples are kept per grid point, the latest
+    ``window`` of each, so a batch size the load left long ago keeps what was measured there."""
 
-    def __init__(self, window: int = 512, min_samples: int = 24, k0_pass: bool = True):
-        self.samples: collections.deque = collections.deque(maxlen=window)
+    def __init__(self, k_max: int, max_batch: int, window: int = 256, min_samples: int = 24,
+                 width: float = 0.5, min_weight: float = 2.0):
+        self.k_max = k_max
         self.min_samples = min_samples
-        self.k0_pass = k0_pass
+        self.width = width
+        # a grid point is fitted where at least two k have this much weight of samples near it
+        self.min_weight = min_weight
+        points = np.round(2.0 ** np.arange(0, np.log2(max(max_batch, 1)) + 0.5, 0.5))
+        self.grid = np.unique(np.clip(points, 1, max(max_batch, 1)))
+        # per grid point a ring of (batch, k, prefill tokens, seconds) rows
+        self._rows = np.zeros((len(self.grid), window, 4))
+        self._added = np.zeros(len(self.grid), dtype=int)
+        # samples farther than this many grid points weigh under 1e-3: left out of a point's fit
+        self._reach = int(np.ceil(2 * width * np.sqrt(2 * np.log(1e3))))
 
-    def add(self, batch: int, k: int, tokens: int, seconds: float) -> None:
-        """One step: running requests, k drafted, tokens the target computed, wall seconds."""
-        self.samples.append((batch, k, tokens, seconds))
+    def _bucket(self, g: int) -> np.ndarray:
+        return self._rows[g, :min(self._added[g], self._rows.shape[1])]
 
-    def fit(self) -> Costs | None:
-        """None until the samples can tell the four costs apart."""
-        if len(self.samples) < self.min_samples:
+    @property
+    def samples(self) -> list[tuple]:
+        return [tuple(r) for g in range(len(self.grid)) for r in self._bucket(g)]
+
+    def add(self, batch: int, k: int, seconds: float, prefill: int = 0) -> None:
+        """One step: running requests, k drafted, prefill tokens computed, wall seconds."""
+        g = int(np.abs(np.log2(max(batch, 1)) - np.log2(self.grid)).argmin())
+        self._rows[g, self._added[g] % self._rows.shape[1]] = (batch, k, prefill, seconds)
+        self._added[g] += 1
+
+    def fit(self) -> StepTimes | None:
+        """None until some batch size has samples at two or more k."""
+        if np.minimum(self._added, self._rows.shape[1]).sum() < self.min_samples:
             return None
-        s = np.array(self.samples, dtype=float)
-        batch, k, tokens, t = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
-        p = draft_passes(k, self.k0_pass)
-        x = np.stack([np.ones_like(batch), tokens, p, p * batch], axis=1)
-        if np.linalg.matrix_rank(x) < 4:
+        ks = np.arange(self.k_max + 1)
+        times = np.full((len(self.grid), len(ks)), np.nan)
+        for g, b0 in enumerate(self.grid):
+            near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
+            batch, k, prefill, t = np.concatenate([self._bucket(i) for i in near]).T
+            k = k.astype(int)
+            w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2)
+            seen = np.bincount(k, weights=w, minlength=len(ks)) >= self.min_weight
+            if seen.sum() < 2:
+                continue
+            # one level per k (no shape in k assumed: a verify pass can be flat in its rows
+            # until it turns compute-bound), a slope in the batch size per k, the prefill
+            # tokens' cost. Batch sizes are centred on their weighted mean, so with one batch
+            # size in the window the slope columns vanish (least squares' minimum norm gives
+            # them 0) and the fit is that batch size's levels.
+            centre = float((w * batch).sum() / w.sum())
+            delta = batch - centre
+            x = np.concatenate([np.eye(len(ks))[k],
+                                np.stack([delta, delta * k, prefill], axis=1)], axis=1)
+            # the normal equations (a 12 x 12 solve for k <= 8); the pseudo-inverse keeps the
+            # minimum-norm solution where columns are absent
+            xw = x * w[:, None]
+            coef = np.linalg.pinv(xw.T @ x, hermitian=True) @ (xw.T @ t)
+            level = coef[:len(ks)] + (coef[-3] + coef[-2] * ks) * (b0 - centre)
+            times[g] = _fill_unseen(level, seen)
+        fitted = ~np.isnan(times[:, 0])
+        if not fitted.any():
             return None
-        # non-negative costs: a plain fit, then refit without any negative coefficient
-        active = [0, 1, 2, 3]
-        coef = np.zeros(4)
-        while active:
-            sol, *_ = np.linalg.lstsq(x[:, active], t, rcond=None)
-            if (sol >= 0).all():
-                coef[active] = sol
-                break
-            active = [a for a, v in zip(active, sol) if v > 0] or []
-        return Costs(*map(float, coef), k0_pass=self.k0_pass)
+        # grid points without samples at two k near them take the nearest fitted point's times
+        where = np.log2(self.grid[fitted])
+        nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
+        return StepTimes(self.grid, times[fitted][nearest])
+
+
+def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Levels of the k without samples, linearly from the nearest two seen k (inside the seen
+    range: between its neighbours; outside: the end's slope), then non-decreasing in k:
+    drafting more never makes a step cheaper, whatever the noise says."""
+    ks = np.flatnonzero(seen)
+    out = np.interp(np.arange(len(level)), ks, level[ks])
+    lo, hi = ks[:2], ks[-2:]
+    below, above = np.arange(ks[0]), np.arange(ks[-1] + 1, len(level))
+    out[below] = level[lo[0]] + (below - lo[0]) * (level[lo[1]] - level[lo[0]]) / (lo[1] - lo[0])
+    out[above] = level[hi[1]] + (above - hi[1]) * (level[hi[1]] - level[hi[0]]) / (hi[1] - hi[0])
+    return np.maximum.accumulate(np.maximum(out, 1e-6))
 
 
 class AutoK:
     """Calibrate, then choose k per batch size from the measured acceptance and costs.
 
-    Calibration visits every k in ``calibration_ks`` in turn (the costs are only identifiable
-    when k varies); afterwards the best k is taken, except that every ``explore_every``-th step
-    (two steps in a row with deferred k = 0 passes) tries a neighbouring k so the fit keeps
-    seeing more than one k.
+    A step verifies the drafts of the step before and drafts its own, so only a step whose k
+    equals the previous step's costs what a step at that k costs; the step after a switch also
+    pays for the switch (with deferred k = 0 passes, the catching up), and is left out of the
+    fit. Calibration therefore holds each k in ``calibration_ks`` for ``hold`` steps in turn
+    (the costs are only identifiable when k varies), and every ``explore_every``-th step starts
+    two steps at a neighbouring k, so that the fit keeps seeing more than one k at the batch
+    sizes the engine runs.
     """
 
+    hold = 3
+
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
-                 calibration_steps: int = 48, k0_pass: bool = True):
+                 calibration_steps: int = 48):
         self.k_max = k_max
         self.max_batch = max_batch
         self.profile = AcceptanceProfile(k_max)
-        self.costs = StepCostModel(k0_pass=k0_pass)
+        self.costs = StepCostModel(k_max, max_batch)
         self.explore_every = explore_every
         self.calibration_steps = calibration_steps
-        ks = sorted({0, 1, max(1, k_max // 2), k_max})
-        self.calibration_ks = ks
+        self.calibration_ks = sorted({0, 1, max(1, k_max // 2), k_max})
         self.table = [k_max] * (max_batch + 1)
-        self.fitted: Costs | None = None
+        self.fitted: StepTimes | None = None
         self.steps = 0
-        # With deferred k = 0 passes the first drafting step after k = 0 also catches the draft
-        # up: its time is not what a step at that k costs, so it is left out of the fit, and
-        # an exploration lasts two steps so that one of them is a plain sample.
-        self.explore_steps = 1 if k0_pass else 2
         self.last_k: int | None = None
 
-    def observe(self, batch: int, k: int, tokens: int, seconds: float | None,
+    def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
                 drafted: list[int], accepted: list[int]) -> None:
-        resumed = not self.costs.k0_pass and self.last_k == 0 and k > 0
+        if seconds is not None and k == self.last_k:
+            self.costs.add(batch, k, seconds, prefill)
         self.last_k = k
-        if seconds is not None and not resumed:
-            self.costs.add(batch, k, tokens, seconds)
         if drafted:
             self.profile.update(drafted, accepted)
         self.steps += 1
@@ -173,14 +246,14 @@ class AutoK:
     def next_table(self) -> list[int]:
         """The k per batch size to use for the next step."""
         if self.steps < self.calibration_steps:
-            k = self.calibration_ks[self.steps % len(self.calibration_ks)]
+            k = self.calibration_ks[(self.steps // self.hold) % len(self.calibration_ks)]
             return [k] * (self.max_batch + 1)
         if self.steps % 8 == 0 or self.fitted is None:
             self.fitted = self.costs.fit() or self.fitted
             if self.fitted is not None:
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
                                       self.k_max)
-        if self.steps % self.explore_every < self.explore_steps:
+        if self.steps % self.explore_every < 2:
             nudge = 1 if (self.steps // self.explore_every) % 2 else -1
             return [min(self.k_max, max(0, k + nudge)) for k in self.table]
         return self.table

@@ -10,7 +10,7 @@ step. Nothing else in the scheduler changes; without ``auto_k`` the hook only no
 for ``engine_core.py`` (LVSpec engines), and returns.
 
 The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}``) and the
-model's inputs are logged every 10 s.
+model's inputs (alpha, the fitted step times at the current batch size) are logged every 10 s.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from lvspec_vllm import metrics
 from lvspec_vllm._logging import get_logger
@@ -34,10 +36,9 @@ _LOG_INTERVAL_S = 10.0
 class AutoKController:
     """Glue between the scheduler and ``AutoK``: measure each step, set the k table."""
 
-    def __init__(self, scheduler, k_max: int, catch_up: bool):
+    def __init__(self, scheduler, k_max: int):
         self.max_batch = scheduler.scheduler_config.max_num_seqs
-        # with the drafter's catch-up a k = 0 step runs no draft forward (drafter/lag.py)
-        self.auto = AutoK(k_max, self.max_batch, k0_pass=not catch_up)
+        self.auto = AutoK(k_max, self.max_batch)
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -60,14 +61,18 @@ class AutoKController:
         seconds = now - self.last_end if self.last_end is not None else None
         drafted, accepted = [], []
         index = model_runner_output.req_id_to_index
-        for req_id, drafts in (scheduler_output.scheduled_spec_decode_tokens or {}).items():
+        spec = scheduler_output.scheduled_spec_decode_tokens or {}
+        for req_id, drafts in spec.items():
             i = index.get(req_id)
             if i is None or not drafts or i >= len(model_runner_output.sampled_token_ids):
                 continue
             drafted.append(len(drafts))
             accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
-        self.auto.observe(batch, k, scheduler_output.total_num_scheduled_tokens, seconds,
-                          drafted, accepted)
+        # a decode row is its input token plus its drafts; everything else is prefill
+        decode = sum(n for req_id, n in scheduler_output.num_scheduled_tokens.items()
+                     if n == 1 + len(spec.get(req_id, ())))
+        prefill = scheduler_output.total_num_scheduled_tokens - decode
+        self.auto.observe(batch, k, prefill, seconds, drafted, accepted)
         self.steps_by_k[k] += 1
         self.last_k = k
         self._apply(scheduler, self.auto.next_table())
@@ -94,12 +99,13 @@ class AutoKController:
                 self._path = None
         if now - self._last_log >= _LOG_INTERVAL_S:
             self._last_log = now
-            c = self.auto.fitted
-            costs = "uncalibrated" if c is None else \
-                f"a={c.a:.2e} b={c.b:.2e} c={c.c:.2e} d={c.d:.2e} s"
+            fitted = self.auto.fitted
+            costs = "uncalibrated" if fitted is None else [
+                round(float(t) * 1e3, 2)
+                for t in fitted.step_time(batch, np.arange(self.auto.k_max + 1))]
             logger.info(
-                "LVSpec auto k: batch %d -> k %d; alpha %s; step cost %s; k by batch size %s; "
-                "steps by k %s", batch, self.last_k,
+                "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s; "
+                "k by batch size %s; steps by k %s", batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs,
                 self.auto.table[1:65], dict(self.steps_by_k))
 
@@ -112,7 +118,7 @@ def _controller(scheduler) -> AutoKController | None:
         options = additional.get("lvspec") if isinstance(additional, dict) else None
         config = LVSpecConfig.from_dict(options) if options is not None else None
         if config is not None and config.auto_k and scheduler.dynamic_sd_lookup is not None:
-            ctl = AutoKController(scheduler, scheduler.num_spec_tokens, config.draft_catch_up)
+            ctl = AutoKController(scheduler, scheduler.num_spec_tokens)
         scheduler.__dict__["_lvspec_auto_k"] = ctl
         scheduler.__dict__["_lvspec"] = config is not None
     return ctl
