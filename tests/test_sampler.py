@@ -147,6 +147,50 @@ def test_strict_mode_is_exactly_vllms_sampler(tiny_models, seed):
     assert c["exact"] == c["accepted_tokens"] and c["plausible"] == 0
 
 
+@pytest.mark.parametrize("temps", [[0.0] * 5, [0.0, 0.9, 0.0, 0.7, 1.0], [0.8] * 5])
+@pytest.mark.parametrize("logprobs", [None, 0])
+def test_a_step_without_drafts_samples_as_vllms_sampler(tiny_models, temps, logprobs,
+                                                         monkeypatch):
+    """k = 0: every request has one row. Ours skips the verify kernels and samples as vLLM's
+    rejection sampler samples the bonus row: the same tokens, seeded requests included (and
+    their generators left in the same state), the same logprobs."""
+    import dataclasses
+
+    from vllm.v1.sample import rejection_sampler as vllm_rs
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    kernel_calls = []
+    kernel = vllm_rs.rejection_sample
+    monkeypatch.setattr(vllm_rs, "rejection_sample",
+                        lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
+
+    B = len(temps)
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(11)) * 3
+    meta = _metadata([[] for _ in range(B)])
+
+    def sampling():  # fresh, equally seeded generators for each sampler
+        gens = {i: torch.Generator().manual_seed(100 + i) for i in range(B) if temps[i] > 0}
+        return dataclasses.replace(_sampling(temps, logprobs), generators=gens)
+
+    ours = _sampler(tiny_models, LOOSE, [f"z-{i}" for i in range(B)], [True] * B)
+    stock = RejectionSampler(Sampler())
+    sa, sb = sampling(), sampling()
+    a = ours(meta, None, logits.clone(), sa)
+    # without logprobs no verify kernel ran; with them, vLLM's own path
+    assert len(kernel_calls) == (0 if logprobs is None else 1)
+    b = stock(meta, None, logits.clone(), sb)
+    assert a.sampled_token_ids.shape == (B, 1) and a.sampled_token_ids.dtype == torch.int32
+    assert torch.equal(a.sampled_token_ids, b.sampled_token_ids)
+    for i in sa.generators:
+        assert torch.equal(sa.generators[i].get_state(), sb.generators[i].get_state())
+    if logprobs is None:
+        assert a.logprobs_tensors is None
+    else:
+        assert torch.equal(a.logprobs_tensors.logprobs, b.logprobs_tensors.logprobs)
+    assert ours.snapshot()["verify_steps"] == 0
+
+
 def test_counters_add_up(tiny_models):
     drafts, logits = _batch(3, 8)
     ids = [f"c-{i}" for i in range(8)]

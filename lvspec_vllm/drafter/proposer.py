@@ -40,9 +40,10 @@ from lvspec_vllm.drafter.timing import StepTimer
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
 DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipped_passes",
-                    "proposed_tokens", "visual_tokens_in", "pruned_visual_tokens",
-                    "pruned_items_scored", "pruned_items_unscored", "encoded_items", "draft_us",
-                    "deferred_tokens", "caught_up_tokens", "dropped_tokens")
+                    "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
+                    "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
+                    "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
+                    "dropped_tokens")
 LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
 _DERIVED = ("encoded_items", "draft_us", *LAG_COUNTERS)  # the encoder cache, timer and lag
 
@@ -118,11 +119,51 @@ class LVSpecDrafter(DraftModelProposer):
     # -- one propose call per engine step --------------------------------------------------------
     def propose(self, num_speculative_tokens, **kwargs):
         drafts = self._propose(num_speculative_tokens, **kwargs)
-        if num_speculative_tokens == 0:  # the next step verifies nothing, so its sampler is idle
-            sampler = getattr(self.runner, "rejection_sampler", None)
-            if hasattr(sampler, "publish_metrics"):
-                sampler.publish_metrics()
+        if num_speculative_tokens == 0:
+            self._publish_idle_sampler()
         return drafts
+
+    def propose_without_inputs(self, k: int, batch: int, query_start_loc: list[int],
+                               step_ids) -> torch.Tensor | None:
+        """Before vLLM prepares the draft's inputs (``patches/propose.py``): the step's empty
+        drafts if it runs no draft forward (k = 0 and nobody must catch up; the waiting rows
+        record their tokens from ``step_ids()``), else None, and vLLM's path runs ``propose``.
+        That preparation (the next tokens, the padded first-pass layout, the draft's multimodal
+        inputs) is otherwise paid in full for a pass that does not happen."""
+        if k != 0 or not (self.never_drafts or self.lag is not None):
+            return None
+        if not self.never_drafts:
+            rows = self._rows(batch, query_start_loc)
+            if self.lag.pending:
+                self.lag.forget(self.runner.requests)
+            run, wait = self.lag.plan(rows, 0)
+            if run:
+                return None
+            self.lag.record(rows, wait, query_start_loc, step_ids())
+        c = self._counts
+        c["propose_calls"] += 1
+        c["skipped_passes"] += 1
+        c["skipped_before_inputs"] += 1
+        self._last_draft_probs = None
+        self._publish_idle_sampler()
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+
+    def _publish_idle_sampler(self) -> None:
+        # the next step verifies nothing, so its sampler would not publish the counts
+        sampler = getattr(self.runner, "rejection_sampler", None)
+        if hasattr(sampler, "publish_metrics"):
+            sampler.publish_metrics()
+
+    def _rows(self, batch: int, query_start_loc: list[int]):
+        from lvspec_vllm.drafter.lag import Row
+
+        runner, qsl, rows = self.runner, query_start_loc, []
+        for i, req_id in enumerate(runner.input_batch.req_ids[:batch]):
+            state = runner.requests[req_id]
+            rows.append(Row(req_id, state.num_computed_tokens, qsl[i + 1] - qsl[i],
+                            state.num_computed_tokens >= state.num_prompt_tokens,
+                            state.mrope_position_delta or 0))
+        return rows
 
     def _propose(self, num_speculative_tokens, **kwargs):
         c = self._counts
@@ -162,22 +203,17 @@ class LVSpecDrafter(DraftModelProposer):
         self._catch_up = not self.never_drafts
 
     def _propose_catching_up(self, k: int, kwargs):
-        from lvspec_vllm.drafter.lag import Row, chunks
+        from lvspec_vllm.drafter.lag import chunks
 
         cad = kwargs["common_attn_metadata"]
-        runner, lag, batch = self.runner, self.lag, cad.batch_size()
+        lag, batch = self.lag, cad.batch_size()
         if k > 0 and not lag.pending:  # steady drafting: nothing to catch up, vLLM's own pass
             self._count_pass(k, batch)
             return super().propose(k, **kwargs)
         qsl = cad.query_start_loc_cpu.tolist()
-        rows = []
-        for i, req_id in enumerate(runner.input_batch.req_ids[:batch]):
-            state = runner.requests[req_id]
-            rows.append(Row(req_id, state.num_computed_tokens, qsl[i + 1] - qsl[i],
-                            state.num_computed_tokens >= state.num_prompt_tokens,
-                            state.mrope_position_delta or 0))
+        rows = self._rows(batch, qsl)
         if lag.pending:
-            lag.forget(runner.requests)
+            lag.forget(self.runner.requests)
         run, wait = lag.plan(rows, k)
         lag.record(rows, wait, qsl, kwargs["target_token_ids"])
         if not run:

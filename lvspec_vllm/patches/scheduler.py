@@ -73,11 +73,12 @@ class AutoKController:
                      if n == 1 + len(spec.get(req_id, ())))
         prefill = scheduler_output.total_num_scheduled_tokens - decode
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted)
+        new_k = k not in self.steps_by_k
         self.steps_by_k[k] += 1
         self.last_k = k
         self._apply(scheduler, self.auto.next_table())
         self.last_end = time.perf_counter() if scheduler.get_num_unfinished_requests() else None
-        self._report(batch)
+        self._report(batch, publish=new_k)
 
     @staticmethod
     def _apply(scheduler, table: list[int]) -> None:
@@ -85,9 +86,11 @@ class AutoKController:
         n = min(len(lookup), len(table))
         lookup[1:n] = table[1:n]
 
-    def _report(self, batch: int) -> None:
+    def _report(self, batch: int, publish: bool) -> None:
         now = time.monotonic()
-        if self._path is not None and now - self._last_publish >= metrics.PUBLISH_INTERVAL_S:
+        # at intervals, and whenever a k is chosen for the first time (a short run must show it)
+        publish = publish or now - self._last_publish >= metrics.PUBLISH_INTERVAL_S
+        if self._path is not None and publish:
             self._last_publish = now
             snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
             snap["auto_k_last"] = self.last_k
