@@ -128,7 +128,7 @@ class StepCostModel:
     ``window`` of each, so a batch size the load left long ago keeps what was measured there."""
 
     def __init__(self, k_max: int, max_batch: int, window: int = 256, min_samples: int = 24,
-                 width: float = 0.5, min_weight: float = 2.0):
+                 width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0):
         self.k_max = k_max
         self.min_samples = min_samples
         self.width = width
@@ -136,9 +136,13 @@ class StepCostModel:
         self.min_weight = min_weight
         points = np.round(2.0 ** np.arange(0, np.log2(max(max_batch, 1)) + 0.5, 0.5))
         self.grid = np.unique(np.clip(points, 1, max(max_batch, 1)))
-        # per grid point a ring of (batch, k, prefill tokens, seconds) rows
-        self._rows = np.zeros((len(self.grid), window, 4))
+        # per grid point a ring of (batch, k, prefill tokens, seconds, sample number) rows
+        self._rows = np.zeros((len(self.grid), window, 5))
         self._added = np.zeros(len(self.grid), dtype=int)
+        self._count = 0
+        # older samples weigh less (halved every half_life samples): the engine's speed drifts,
+        # and a k measured once in a slow moment must not speak for it for ever
+        self.half_life = half_life
         # samples farther than this many grid points weigh under 1e-3: left out of a point's fit
         self._reach = int(np.ceil(2 * width * np.sqrt(2 * np.log(1e3))))
 
@@ -147,13 +151,16 @@ class StepCostModel:
 
     @property
     def samples(self) -> list[tuple]:
-        return [tuple(r) for g in range(len(self.grid)) for r in self._bucket(g)]
+        """(batch, k, prefill tokens, seconds) of the kept samples, by grid point."""
+        return [tuple(r[:4]) for g in range(len(self.grid)) for r in self._bucket(g)]
 
     def add(self, batch: int, k: int, seconds: float, prefill: int = 0) -> None:
         """One step: running requests, k drafted, prefill tokens computed, wall seconds."""
         g = int(np.abs(np.log2(max(batch, 1)) - np.log2(self.grid)).argmin())
-        self._rows[g, self._added[g] % self._rows.shape[1]] = (batch, k, prefill, seconds)
+        self._rows[g, self._added[g] % self._rows.shape[1]] = (batch, k, prefill, seconds,
+                                                               self._count)
         self._added[g] += 1
+        self._count += 1
 
     def fit(self) -> StepTimes | None:
         """None until some batch size has samples at two or more k."""
@@ -163,9 +170,14 @@ class StepCostModel:
         times = np.full((len(self.grid), len(ks)), np.nan)
         for g, b0 in enumerate(self.grid):
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
-            batch, k, prefill, t = np.concatenate([self._bucket(i) for i in near]).T
+            batch, k, prefill, t, number = np.concatenate([self._bucket(i) for i in near]).T
             k = k.astype(int)
-            w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2)
+            if not len(batch):
+                continue
+            # ages from the newest sample near this batch size: what the load left long ago
+            # keeps its weight until newer samples arrive
+            w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2) \
+                * 0.5 ** ((number.max() - number) / self.half_life)
             seen = np.bincount(k, weights=w, minlength=len(ks)) >= self.min_weight
             if seen.sum() < 2:
                 continue
@@ -214,11 +226,12 @@ class AutoK:
     pays for the switch (with deferred k = 0 passes, the catching up), and is left out of the
     fit. Calibration therefore holds each k in ``calibration_ks`` for ``hold`` steps in turn
     (the costs are only identifiable when k varies), and every ``explore_every``-th step starts
-    two steps at a neighbouring k, so that the fit keeps seeing more than one k at the batch
-    sizes the engine runs.
+    two steps at another k, in turn one more, one less and 0, so that the fit keeps seeing
+    more than one k at the batch sizes the engine runs, and keeps re-measuring the step
+    without speculation that drafting has to beat.
     """
 
-    hold = 3
+    hold = 4
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
                  calibration_steps: int = 48):
@@ -254,6 +267,9 @@ class AutoK:
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
                                       self.k_max)
         if self.steps % self.explore_every < 2:
-            nudge = 1 if (self.steps // self.explore_every) % 2 else -1
+            turn = (self.steps // self.explore_every) % 3
+            if turn == 2:  # no speculation, the baseline every choice is weighed against
+                return [0] * (self.max_batch + 1)
+            nudge = 1 if turn == 0 else -1
             return [min(self.k_max, max(0, k + nudge)) for k in self.table]
         return self.table

@@ -201,7 +201,7 @@ def test_calibration_holds_each_k_then_explorations_last_two_steps():
     for step in range(24):
         auto.steps = step
         ks.append(auto.next_table()[4])
-    assert ks == [0, 0, 0, 1, 1, 1, 2, 2, 2, 4, 4, 4] * 2
+    assert ks == [0] * 4 + [1] * 4 + [2] * 4 + [4] * 4 + [0] * 4 + [1] * 4
     # verifying a row costs ten times the fixed part: drafting cannot pay at any k
     costs = Costs(a=1e-3, b=1e-2, c=0.0, d=0.0, k0_pass=False)
     for batch in (1, 2, 4, 8, 16, 32) * 2:  # more samples than the fit's minimum
@@ -266,3 +266,27 @@ def test_closed_loop_on_a_roofline_engine_under_a_ramp(alpha):
     theirs = [goodput[b, linear[b]] / best[b] for b in levels]
     assert min(ours) >= 0.97, (auto.table, ours)
     assert min(theirs) <= 0.90, theirs
+
+
+def test_explorations_take_turns_one_more_one_less_and_no_speculation():
+    auto = AutoK(k_max=4, max_batch=8, calibration_steps=0, explore_every=16)
+    auto.table = [3] * 9  # no samples: the fit keeps this table
+    chosen = {}
+    for step in range(64):
+        auto.steps = step
+        chosen[step] = auto.next_table()[5]
+    assert [chosen[s] for s in (0, 1, 16, 17, 32, 33, 48, 49)] == [4, 4, 2, 2, 0, 0, 4, 4]
+    assert {chosen[s] for s in range(64) if s % 16 >= 2} == {3}
+
+
+def test_newer_samples_outweigh_a_slow_moment_long_ago():
+    model = StepCostModel(2, 8, min_samples=8, half_life=25)
+    for _ in range(50):
+        model.add(4, 0, 0.020)     # k = 0 measured while the machine was slow
+    for i in range(200):
+        model.add(4, 1, 0.012)
+        if i % 4 == 0:
+            model.add(4, 0, 0.010)  # and again since
+    fitted = model.fit()
+    assert fitted.step_time(4, 0) == pytest.approx(0.010, rel=0.01)
+    assert fitted.step_time(4, 1) == pytest.approx(0.012, rel=1e-6)
