@@ -163,3 +163,18 @@ def test_repeated_offline_runs_report_the_median_throughput_and_its_range():
     md = markdown(rows, "header")
     assert "| none | 0 | – | – | 100.0 [50-200] | 1.00 |" in md
     assert "| strict | 4 | – | – | 60.0 [40-80] | 0.60 |" in md
+
+
+def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
+    from lvspec_vllm.bench.auto_k_trace import summarise
+
+    rows = [[4, 2, 0, 0.006, None],    # first step: no previous k, not a sample
+            [4, 2, 0, 0.006, 2], [4, 2, 0, 0.008, 2],
+            [4, 0, 0, 0.010, 2],       # a switch: left out
+            [4, 0, 0, 0.003, 0],
+            [5, 0, 38, 0.012, 0],      # a prefill chunk rode along
+            [5, 0, 0, None, 0]]        # no time (the engine was idle before it)
+    s = summarise(rows)
+    assert s["steps"] == 6 and s["prefill_steps"] == 1
+    assert s["prefill_share"] == pytest.approx(0.012 / 0.045)
+    assert s["decode_ms"] == {"4,0": (1, pytest.approx(3.0)), "4,2": (2, pytest.approx(7.0))}

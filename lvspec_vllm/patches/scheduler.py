@@ -11,6 +11,9 @@ for ``engine_core.py`` (LVSpec engines), and returns.
 
 The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}``) and the
 model's inputs (alpha, the fitted step times at the current batch size) are logged every 10 s.
+With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to that file as
+one JSON line ``[batch, k, prefill tokens, seconds, previous step's k]``
+(``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises it).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lvspec_vllm.patches import Patch
 
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
+TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
 
 
 class AutoKController:
@@ -45,6 +49,8 @@ class AutoKController:
         self._last_log = self._last_publish = time.monotonic()
         directory = os.environ.get(metrics.ENV)
         self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
+        trace = os.environ.get(TRACE_ENV)
+        self._trace = open(trace, "a", buffering=1) if trace else None  # a line per step
         self._apply(scheduler, self.auto.next_table())
         logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d",
                     k_max, self.max_batch)
@@ -72,6 +78,8 @@ class AutoKController:
         decode = sum(n for req_id, n in scheduler_output.num_scheduled_tokens.items()
                      if n == 1 + len(spec.get(req_id, ())))
         prefill = scheduler_output.total_num_scheduled_tokens - decode
+        if self._trace is not None:
+            self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k]) + "\n")
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted)
         new_k = k not in self.steps_by_k
         self.steps_by_k[k] += 1
