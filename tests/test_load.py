@@ -14,10 +14,12 @@ import asyncio
 import base64
 import io
 import json
+import time
 import urllib.request
 
 import pytest
 
+from lvspec_vllm.metrics import PUBLISH_INTERVAL_S
 from lvspec_vllm.testing.media import synthetic_frames, synthetic_image, write_mp4
 from lvspec_vllm.testing.server import SERVED_NAME, vllm_server
 
@@ -103,6 +105,7 @@ def _serve_and_load(model, spec, requests, log, extra=(), env=None):
     with vllm_server(model, spec, log_path=log, extra_args=args, env=env) as srv:
         results = asyncio.run(_load(srv.base_url, requests))
         healthy = urllib.request.urlopen(f"{srv.base_url}/health", timeout=5).status == 200
+        time.sleep(2 * PUBLISH_INTERVAL_S)  # the workers' last counts reach /metrics
         metrics = srv.metrics()
     return results, healthy, metrics
 
