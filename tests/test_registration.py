@@ -99,3 +99,41 @@ def test_post_step_fetches_drafts_unless_the_step_drafted_nothing(lvspec, k, bat
     EngineCorePostStepPatch.wrapper(lambda s, executed: calls.append(executed), core,
                                     model_executed)
     assert calls == ([model_executed] if fetches else [])
+
+
+@pytest.mark.parametrize("has_hook, drafts, async_scheduling, runs_vllm", [
+    (True, "empty", False, False),   # the drafter runs no forward this step: inputs unprepared
+    (True, None, False, True),       # someone must run (or catch up) the draft: vLLM's path
+    (True, "empty", True, True),     # async scheduling: vLLM's path also publishes counts
+    (False, None, False, True),      # another method's drafter: vLLM's method as it is
+])
+def test_propose_skips_vllms_input_preparation_only_when_the_drafter_says(
+        has_hook, drafts, async_scheduling, runs_vllm):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from lvspec_vllm.patches.propose import ProposeDraftTokenIdsPatch
+
+    asked = []
+    empty = torch.empty(2, 0, dtype=torch.int64)
+
+    def propose_without_inputs(k, batch, query_start_loc, step_ids):
+        asked.append((k, batch, query_start_loc, step_ids().tolist()))
+        return empty if drafts == "empty" else None
+
+    drafter = SimpleNamespace(propose_without_inputs=propose_without_inputs) if has_hook \
+        else SimpleNamespace()
+    runner = SimpleNamespace(
+        drafter=drafter, use_async_scheduling=async_scheduling,
+        input_batch=SimpleNamespace(num_reqs=2),
+        query_start_loc=SimpleNamespace(np=np.array([0, 1, 2, 2, 2])),
+        input_ids=SimpleNamespace(gpu=torch.tensor([7, 9, 0, 0])))
+    step = SimpleNamespace(num_spec_tokens_to_schedule=0, total_num_scheduled_tokens=2)
+    out = ProposeDraftTokenIdsPatch.wrapper(lambda *a, **kw: "vllm", runner, step, "sampled")
+    assert out == "vllm" if runs_vllm else out is empty
+    if has_hook and not async_scheduling:
+        assert asked == [(0, 2, [0, 1, 2], [7, 9])]
+    else:
+        assert asked == []

