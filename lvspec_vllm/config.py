@@ -98,6 +98,11 @@ class LVSpecConfig:
                                       "on their tokens in one pass the next time it runs for them, "
                                       "at the latest when a KV block fills. false: vLLM's "
                                       "behaviour, a draft forward every step.")
+    draft_cold_requests: bool = _opt(False, "A request first scheduled in a step with k = 0 "
+                                            "never runs the draft (no draft prefill, no drafts "
+                                            "for it in later steps); its outputs are the "
+                                            "target's. Needs draft_catch_up, and auto_k or a "
+                                            "schedule with k = 0; not with async scheduling.")
 
     # ------------------------------------------------------------------------------------------
     @classmethod

@@ -59,6 +59,8 @@ DRAFT_COUNTERS = {
     "lvspec:draft_skipped_steps": "Steps with k = 0 in which the draft ran no forward at all.",
     "lvspec:draft_deferred_tokens": "Tokens whose draft pass waited at k = 0 (draft_catch_up).",
     "lvspec:draft_caught_up_tokens": "Deferred tokens the draft processed when it next ran.",
+    "lvspec:draft_cold_requests": "Requests the draft never ran for (draft_cold_requests): "
+                                  "admitted at k = 0, or reusing a cached prefix of one.",
 }
 
 

@@ -303,7 +303,8 @@ class LVSpecRejectionSampler(RejectionSampler):
                 "draft_seconds": drafted.get("draft_us", 0) / 1e6,
                 "draft_skipped_steps": drafted.get("skipped_passes", 0),
                 "draft_deferred_tokens": drafted.get("deferred_tokens", 0),
-                "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0)}
+                "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0),
+                "draft_cold_requests": drafted.get("cold_requests", 0)}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

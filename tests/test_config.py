@@ -65,6 +65,24 @@ def test_auto_k_sets_vllms_k_table_and_refuses_a_fixed_schedule():
     assert spec["num_speculative_tokens_per_batch_size"] == [[1, 8, 2]]  # passed to vLLM as is
 
 
+@pytest.mark.parametrize("options, accepted", [
+    ({"auto_k": True}, True),
+    ({"num_speculative_tokens_per_batch_size": [[1, 4, 4], [5, 64, 0]]}, True),
+    ({"num_speculative_tokens_per_batch_size": [[1, 64, 2]]}, False),  # never k = 0
+    ({}, False),
+    ({"auto_k": True, "draft_catch_up": False}, False),
+])
+def test_cold_requests_need_k0_steps_and_catch_up(options, accepted):
+    opts = {**BASE, **options, "draft_cold_requests": True}
+    if accepted:
+        _, cfg = translate(opts)
+        assert cfg.draft_cold_requests
+        return
+    with pytest.raises(LVSpecConfigError, match="'draft_cold_requests'") as err:
+        translate(opts)
+    assert "'draft_cold_requests': false" in str(err.value) or "draft_catch_up" in str(err.value)
+
+
 def test_loose_modes_describe_their_rules():
     _, cfg = translate({**BASE, "loose": True, "shift": False})
     assert cfg.needs_relevance() and cfg.describe() == "loose (plausibility, semantic)"

@@ -137,3 +137,22 @@ def test_propose_skips_vllms_input_preparation_only_when_the_drafter_says(
         assert asked == [(0, 2, [0, 1, 2], [7, 9])]
     else:
         assert asked == []
+
+
+def test_take_draft_token_ids_empties_only_the_cold_requests_lists():
+    from types import SimpleNamespace
+
+    from vllm.v1.outputs import DraftTokenIds
+
+    from lvspec_vllm.patches.drafts import TakeDraftTokenIdsPatch
+
+    def take(runner):
+        return DraftTokenIds(["a", "b", "c"], [[1, 2], [3, 4], [5, 6]])
+
+    runner = SimpleNamespace(drafter=SimpleNamespace(cold_request_ids={"b"}))
+    out = TakeDraftTokenIdsPatch.wrapper(take, runner)
+    assert out.req_ids == ["a", "b", "c"] and out.draft_token_ids == [[1, 2], [], [5, 6]]
+    for drafter in (SimpleNamespace(cold_request_ids=set()), SimpleNamespace()):
+        out = TakeDraftTokenIdsPatch.wrapper(take, SimpleNamespace(drafter=drafter))
+        assert out.draft_token_ids == [[1, 2], [3, 4], [5, 6]]
+    assert TakeDraftTokenIdsPatch.wrapper(lambda r: None, runner) is None

@@ -97,3 +97,18 @@ def test_auto_k_calibrates_across_k_and_keeps_strict_outputs(base, tmp_path):
     # k = 0 steps of decoding requests ran no draft forward (catch-up is on by default)
     assert w["drafter_drafting_passes"] > 0 and w["drafter_skipped_passes"] > 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
+
+
+def test_cold_requests_never_run_the_draft_and_the_rest_stay_exact(base, tmp_path):
+    # draft_cold_requests: requests admitted at k = 0 never run the draft and get no drafts;
+    # the others draft with a complete draft KV cache. With the target's own weights as draft,
+    # a placeholder draft that reached verification, or a gap in a warm request's draft cache,
+    # would show as a rejection.
+    run = run_generate(tmp_path, "cold", *_lvspec(CROSSING, "qwen25vl_vl_aligned",
+                                                  draft_cold_requests=True), *WAVES)
+    (w,) = run["workers"]
+    print(w)
+    assert run["outputs"] == base["outputs"]
+    assert 0 < w["drafter_cold_requests"] < 12
+    assert w["draft_tokens"] == w["accepted_tokens"] > 0
+    assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"]

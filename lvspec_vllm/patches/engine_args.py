@@ -70,6 +70,16 @@ def translate(spec: dict[str, Any], spec_method: str | None = None,
                 "\"num_speculative_tokens_per_batch_size\" or set 'auto_k': false.")
         # vLLM's per-batch-size k table, which the auto-k controller rewrites every step
         spec["num_speculative_tokens_per_batch_size"] = [[1, _ANY_BATCH, k]]
+    if config.draft_cold_requests:
+        schedule = spec.get("num_speculative_tokens_per_batch_size") or []
+        if not config.draft_catch_up:
+            raise LVSpecConfigError("'draft_cold_requests': true skips the draft for requests "
+                                    "admitted at k = 0 and needs 'draft_catch_up': true.")
+        if not config.auto_k and not any(entry[-1] == 0 for entry in schedule):
+            raise LVSpecConfigError(
+                "'draft_cold_requests': true acts on requests admitted at k = 0, which only "
+                "'auto_k': true or a \"num_speculative_tokens_per_batch_size\" entry with k = 0 "
+                "gives; add one or set 'draft_cold_requests': false.")
     return spec, config
 
 

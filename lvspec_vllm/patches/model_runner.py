@@ -62,6 +62,13 @@ class ModelRunnerInitPatch(Patch):
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size or []
         if config.draft_catch_up and (config.auto_k or any(e[-1] == 0 for e in schedule)):
             self.drafter.enable_catch_up()
+        if config.draft_cold_requests:
+            if self.use_async_scheduling:
+                raise RuntimeError(
+                    "LVSpec 'draft_cold_requests' needs vLLM without async scheduling (the "
+                    "runner feeds its drafts to the next step itself there): start vLLM with "
+                    "--no-async-scheduling, or set 'draft_cold_requests': false.")
+            self.drafter.enable_cold_requests()
         if config.draft_pruning:
             self.drafter.enable_pruning(config.draft_keep_ratio, config.draft_stage1_share,
                                         capture)
