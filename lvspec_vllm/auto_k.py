@@ -72,6 +72,9 @@ class StepTimes:
     takes the grid point nearest in log2."""
     grid: np.ndarray   # batch sizes, increasing
     times: np.ndarray  # [len(grid), k_max + 1]
+    # seconds per prefill token that a k > 0 step adds over a k = 0 one (the draft's prefill,
+    # when requests admitted at k = 0 skip it); 0 where not measured
+    draft_prefill: np.ndarray | None = None  # [len(grid)]
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
@@ -81,18 +84,24 @@ class StepTimes:
         return self.times[self.index(batch), k]
 
 
-def goodput_table(alpha, costs, max_batch: int, k_max: int) -> np.ndarray:
-    """[max_batch + 1, k_max + 1] tokens/s for every batch size and k (row 0 unused)."""
+def goodput_table(alpha, costs, max_batch: int, k_max: int,
+                  admission=None) -> np.ndarray:
+    """[max_batch + 1, k_max + 1] tokens/s for every batch size and k (row 0 unused).
+    ``admission[B]``: seconds per output token that drafting adds at batch size B beyond the
+    step itself (the draft's prefill of the requests it admits), paid by every k > 0."""
     e = np.array([expected_tokens(alpha, k) for k in range(k_max + 1)])
     batch = np.arange(max_batch + 1)[:, None].astype(float)
     k = np.arange(k_max + 1)[None, :]
     t = costs.step_time(batch, k)
-    return batch * e[None, :] / np.maximum(t, 1e-9)
+    per_token = t / np.maximum(batch * e[None, :], 1e-9)
+    if admission is not None:
+        per_token = per_token + np.asarray(admission, dtype=float)[:, None] * (k > 0)
+    return 1.0 / np.maximum(per_token, 1e-12)
 
 
-def choose_k(alpha, costs, max_batch: int, k_max: int) -> list[int]:
+def choose_k(alpha, costs, max_batch: int, k_max: int, admission=None) -> list[int]:
     """Best k for every batch size 0..max_batch (index 0 unused), ties to the smaller k."""
-    g = goodput_table(alpha, costs, max_batch, k_max)
+    g = goodput_table(alpha, costs, max_batch, k_max, admission)
     best = g.max(axis=1, keepdims=True)
     # first k within a relative 1e-9 of the best: the smaller k on ties
     return [int(i) for i in np.argmax(g >= best * (1 - 1e-9), axis=1)]
@@ -128,8 +137,12 @@ class StepCostModel:
     ``window`` of each, so a batch size the load left long ago keeps what was measured there."""
 
     def __init__(self, k_max: int, max_batch: int, window: int = 256, min_samples: int = 24,
-                 width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0):
+                 width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
+                 split_prefill: bool = False):
         self.k_max = k_max
+        # prefill priced apart at k = 0 and k > 0 (draft_cold_requests: only requests admitted
+        # at k > 0 run the draft's prefill), which yields StepTimes.draft_prefill
+        self.split_prefill = split_prefill
         self.min_samples = min_samples
         self.width = width
         # a grid point is fitted where at least two k have this much weight of samples near it
@@ -168,6 +181,7 @@ class StepCostModel:
             return None
         ks = np.arange(self.k_max + 1)
         times = np.full((len(self.grid), len(ks)), np.nan)
+        draft_prefill = np.zeros(len(self.grid))
         for g, b0 in enumerate(self.grid):
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
             batch, k, prefill, t, number = np.concatenate([self._bucket(i) for i in near]).T
@@ -188,21 +202,32 @@ class StepCostModel:
             # them 0) and the fit is that batch size's levels.
             centre = float((w * batch).sum() / w.sum())
             delta = batch - centre
-            x = np.concatenate([np.eye(len(ks))[k],
-                                np.stack([delta, delta * k, prefill], axis=1)], axis=1)
-            # the normal equations (a 12 x 12 solve for k <= 8); the pseudo-inverse keeps the
+            columns = [delta, delta * k]
+            columns += [prefill * (k == 0), prefill * (k > 0)] if self.split_prefill \
+                else [prefill]
+            x = np.concatenate([np.eye(len(ks))[k], np.stack(columns, axis=1)], axis=1)
+            # the normal equations (a 13 x 13 solve for k <= 8); the pseudo-inverse keeps the
             # minimum-norm solution where columns are absent
             xw = x * w[:, None]
             coef = np.linalg.pinv(xw.T @ x, hermitian=True) @ (xw.T @ t)
-            level = coef[:len(ks)] + (coef[-3] + coef[-2] * ks) * (b0 - centre)
+            slope, slope_k = coef[len(ks)], coef[len(ks) + 1]
+            level = coef[:len(ks)] + (slope + slope_k * ks) * (b0 - centre)
             times[g] = _fill_unseen(level, seen)
+            if self.split_prefill:
+                # both sides need prefill samples of their own, or the difference is the
+                # whole prefill's cost (an absent column's coefficient is 0)
+                has = [(w * (prefill > 0) * side).sum() >= self.min_weight
+                       for side in (k == 0, k > 0)]
+                if all(has):
+                    draft_prefill[g] = max(coef[-1] - coef[-2], 0.0)
         fitted = ~np.isnan(times[:, 0])
         if not fitted.any():
             return None
         # grid points without samples at two k near them take the nearest fitted point's times
         where = np.log2(self.grid[fitted])
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
-        return StepTimes(self.grid, times[fitted][nearest])
+        return StepTimes(self.grid, times[fitted][nearest],
+                         draft_prefill[fitted][nearest] if self.split_prefill else None)
 
 
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -234,11 +259,19 @@ class AutoK:
     hold = 4
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
-                 calibration_steps: int = 48):
+                 calibration_steps: int = 48, price_admission: bool = False,
+                 decay: float = 0.995):
         self.k_max = k_max
         self.max_batch = max_batch
         self.profile = AcceptanceProfile(k_max)
-        self.costs = StepCostModel(k_max, max_batch)
+        # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
+        # drafting also costs that prefill: per output token, the prefill tokens per output
+        # token (decayed sums) times what the fit says a prefill token costs more at k > 0.
+        self.price_admission = price_admission
+        self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission)
+        self._tokens = np.zeros(2)  # decayed (prefill tokens, output tokens)
+        self._decay = decay
+        self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
         self.calibration_steps = calibration_steps
         self.calibration_ks = sorted({0, 1, max(1, k_max // 2), k_max})
@@ -248,9 +281,12 @@ class AutoK:
         self.last_k: int | None = None
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
-                drafted: list[int], accepted: list[int]) -> None:
+                drafted: list[int], accepted: list[int], emitted: int = 0) -> None:
+        """One step: running requests, its k, prefill tokens computed, wall seconds (None:
+        not a sample), per request drafts verified and accepted, output tokens emitted."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill)
+        self._tokens = self._tokens * self._decay + (prefill, emitted)
         self.last_k = k
         if drafted:
             self.profile.update(drafted, accepted)
@@ -264,8 +300,9 @@ class AutoK:
         if self.steps % 8 == 0 or self.fitted is None:
             self.fitted = self.costs.fit() or self.fitted
             if self.fitted is not None:
+                self.admission = self._admission_cost(self.fitted)
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
-                                      self.k_max)
+                                      self.k_max, self.admission)
         if self.steps % self.explore_every < 2:
             turn = (self.steps // self.explore_every) % 3
             if turn == 2:  # no speculation, the baseline every choice is weighed against
@@ -273,3 +310,9 @@ class AutoK:
             nudge = 1 if turn == 0 else -1
             return [min(self.k_max, max(0, k + nudge)) for k in self.table]
         return self.table
+
+    def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
+        if not self.price_admission or fitted.draft_prefill is None or self._tokens[1] <= 0:
+            return None
+        per_prefill = fitted.draft_prefill[fitted.index(np.arange(self.max_batch + 1))]
+        return per_prefill * self._tokens[0] / self._tokens[1]

@@ -288,3 +288,61 @@ def test_newer_samples_outweigh_a_slow_moment_long_ago():
     fitted = model.fit()
     assert fitted.step_time(4, 0) == pytest.approx(0.010, rel=0.01)
     assert fitted.step_time(4, 1) == pytest.approx(0.012, rel=1e-6)
+
+
+@pytest.mark.parametrize("k0_prefill_samples", [True, False])
+def test_split_prefill_prices_the_drafts_prefill(k0_prefill_samples):
+    # draft_cold_requests: a k = 0 step's prefill is the target's alone, a k > 0 step's also
+    # the draft's (1e-5 s per token more). Without prefill samples at k = 0 the difference is
+    # unknown and left at 0, not the whole prefill's cost.
+    rng = np.random.default_rng(1)
+    model = StepCostModel(4, 8, min_samples=8, split_prefill=True)
+    for _ in range(300):
+        k = int(rng.integers(0, 5))
+        prefill = int(rng.choice([0, 0, 64, 512])) if k or k0_prefill_samples else 0
+        model.add(4, k, 0.010 + 0.002 * k + (2e-5 + 1e-5 * (k > 0)) * prefill, prefill)
+    fitted = model.fit()
+    assert [fitted.step_time(4, k) for k in range(5)] == pytest.approx(
+        [0.010 + 0.002 * k for k in range(5)], rel=1e-6)
+    want = 1e-5 if k0_prefill_samples else 0.0
+    assert fitted.draft_prefill[fitted.index(4)] == pytest.approx(want, abs=1e-9)
+    assert StepCostModel(4, 8, min_samples=8).fit() is None  # (and no split: None field)
+
+
+def test_the_drafts_prefill_per_output_token_can_make_k0_the_choice():
+    # Per step drafting wins (k = 4: 3.4 tokens per request for 1.6x the time); once each
+    # output token also carries 1.5 ms of the draft's prefill of the requests drafting admits,
+    # k = 0 does.
+    costs = StepTimes(np.array([1.0, 2.0, 4.0]),
+                      np.array([[0.010, 0.011, 0.012, 0.014, 0.016]] * 3))
+    alpha = [0.8] * 4
+    assert choose_k(alpha, costs, 4, 4)[4] == 3
+    assert choose_k(alpha, costs, 4, 4, np.full(5, 1.5e-3))[4] == 0
+    assert choose_k(alpha, costs, 4, 4, np.full(5, 1e-5))[4] == 3
+
+
+def test_closed_loop_with_a_dear_draft_prefill_stops_drafting():
+    # A quarter of the steps also prefill 256 prompt tokens; at k > 0 the draft's prefill adds
+    # 1e-4 s per prompt token. Per step, drafting pays at 8 requests; with the draft's prefill
+    # spread over the output tokens it does not, and the controller measures both.
+    true = Costs(a=0.004, b=1e-4, c=1e-3, d=2e-5, k0_pass=False)
+    rng = random.Random(3)
+    auto = AutoK(k_max=4, max_batch=8, price_admission=True)
+    batch = 8
+    for _ in range(800):
+        k = auto.next_table()[batch]
+        accepted = []
+        for _ in range(batch):
+            m = 0
+            while m < k and rng.random() < 0.8:
+                m += 1
+            accepted.append(m)
+        emitted = batch + sum(accepted)
+        prefill = rng.choice([0, 0, 0, 256])
+        t = float(true.step_time(batch, k)) + (2e-5 + 1e-4 * (k > 0)) * prefill
+        auto.observe(batch, k, prefill, t * rng.uniform(0.99, 1.01),
+                     [k] * batch if k else [], accepted, emitted)
+    assert choose_k([0.8] * 4, true, 8, 4)[8] > 0  # without the draft's prefill
+    assert auto.fitted.draft_prefill[auto.fitted.index(8)] == pytest.approx(1e-4, rel=0.1)
+    assert auto.admission[8] > 0
+    assert auto.table[8] == 0

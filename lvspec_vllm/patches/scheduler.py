@@ -40,9 +40,9 @@ TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
 class AutoKController:
     """Glue between the scheduler and ``AutoK``: measure each step, set the k table."""
 
-    def __init__(self, scheduler, k_max: int):
+    def __init__(self, scheduler, k_max: int, price_admission: bool = False):
         self.max_batch = scheduler.scheduler_config.max_num_seqs
-        self.auto = AutoK(k_max, self.max_batch)
+        self.auto = AutoK(k_max, self.max_batch, price_admission=price_admission)
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -80,7 +80,8 @@ class AutoKController:
         prefill = scheduler_output.total_num_scheduled_tokens - decode
         if self._trace is not None:
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k]) + "\n")
-        self.auto.observe(batch, k, prefill, seconds, drafted, accepted)
+        emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
+        self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted)
         new_k = k not in self.steps_by_k
         self.steps_by_k[k] += 1
         self.last_k = k
@@ -114,10 +115,13 @@ class AutoKController:
             costs = "uncalibrated" if fitted is None else [
                 round(float(t) * 1e3, 2)
                 for t in fitted.step_time(batch, np.arange(self.auto.k_max + 1))]
+            admission = self.auto.admission
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s; "
-                "k by batch size %s; steps by k %s", batch, self.last_k,
+                "draft prefill per output token when drafting, ms %s; k by batch size %s; "
+                "steps by k %s", batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs,
+                "n/a" if admission is None else round(float(admission[min(batch, len(admission) - 1)]) * 1e3, 3),
                 self.auto.table[1:65], dict(self.steps_by_k))
 
 
@@ -129,7 +133,8 @@ def _controller(scheduler) -> AutoKController | None:
         options = additional.get("lvspec") if isinstance(additional, dict) else None
         config = LVSpecConfig.from_dict(options) if options is not None else None
         if config is not None and config.auto_k and scheduler.dynamic_sd_lookup is not None:
-            ctl = AutoKController(scheduler, scheduler.num_spec_tokens)
+            ctl = AutoKController(scheduler, scheduler.num_spec_tokens,
+                                  price_admission=config.draft_cold_requests)
         scheduler.__dict__["_lvspec_auto_k"] = ctl
         scheduler.__dict__["_lvspec"] = config is not None
     return ctl
