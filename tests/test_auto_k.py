@@ -346,3 +346,35 @@ def test_closed_loop_with_a_dear_draft_prefill_stops_drafting():
     assert auto.fitted.draft_prefill[auto.fitted.index(8)] == pytest.approx(1e-4, rel=0.1)
     assert auto.admission[8] > 0
     assert auto.table[8] == 0
+
+
+def test_a_step_whose_decode_rows_lack_drafts_is_no_sample():
+    # Cold requests (draft_cold_requests) get no drafts in a step at k > 0; such a step costs
+    # less than one at k and must not be taken for one.
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches.scheduler import AutoKController
+
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=[0] * 5,
+                                get_num_unfinished_requests=lambda: 2)
+    ctl = AutoKController(scheduler, 4)
+
+    def step(k, drafts):
+        out = SimpleNamespace(
+            num_scheduled_tokens={r: 1 + len(d) for r, d in drafts.items()},
+            total_num_scheduled_tokens=sum(1 + len(d) for d in drafts.values()),
+            num_spec_tokens_to_schedule=k,
+            scheduled_spec_decode_tokens={r: d for r, d in drafts.items() if d})
+        result = SimpleNamespace(req_id_to_index={r: i for i, r in enumerate(drafts)},
+                                 sampled_token_ids=[[1] * (1 + len(d)) for d in drafts.values()])
+        ctl.after_step(scheduler, out, result)
+
+    for _ in range(3):
+        step(4, {"a": [5] * 4, "b": [6] * 4})
+    assert len(ctl.auto.costs.samples) == 2  # the first has no previous step to time from
+    step(4, {"a": [5] * 4, "cold": []})
+    step(4, {"cold": [], "cold2": []})
+    assert len(ctl.auto.costs.samples) == 2
+    step(4, {"a": [5] * 4, "b": [6] * 4})
+    assert len(ctl.auto.costs.samples) == 3

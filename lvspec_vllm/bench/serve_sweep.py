@@ -17,7 +17,8 @@ Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fi
 lvspec-k1 and lvspec-k2 (loose, k fixed at 1 or 2 whatever --k says), lvspec-schedule (loose,
 vLLM's per-batch-size schedule from --schedule), lvspec-auto (loose, auto_k);
 lvspec-schedule-eager and lvspec-auto-eager run a draft forward in every k = 0 step,
-as vLLM does (``draft_catch_up`` off).
+as vLLM does (``draft_catch_up`` off); lvspec-schedule-cold and lvspec-auto-cold never run the
+draft for requests admitted at k = 0 (``draft_cold_requests``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ SERVE_MODES = {
     # the same with vLLM's draft forward in every k = 0 step (no deferred draft passes)
     "lvspec-schedule-eager": {"loose": True, "draft_catch_up": False},
     "lvspec-auto-eager": {"loose": True, "auto_k": True, "draft_catch_up": False},
+    # requests admitted at k = 0 never run the draft (draft_cold_requests)
+    "lvspec-schedule-cold": {"loose": True, "draft_cold_requests": True},
+    "lvspec-auto-cold": {"loose": True, "auto_k": True, "draft_cold_requests": True},
 }
 
 

@@ -46,7 +46,8 @@ class ModelRunnerInitPatch(Patch):
             raise RuntimeError(f"LVSpec: vLLM built a {type(self.drafter).__name__} drafter, "
                                f"expected its draft_model proposer")
         capture = None
-        if config.captures_attention():
+        # a schedule that never drafts verifies nothing: no attention to capture
+        if config.captures_attention() and not self.drafter.never_drafts:
             from lvspec_vllm.patches import attention
             from lvspec_vllm.relevance.capture import RelevanceCapture
 

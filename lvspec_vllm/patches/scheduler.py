@@ -75,9 +75,15 @@ class AutoKController:
             drafted.append(len(drafts))
             accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
         # a decode row is its input token plus its drafts; everything else is prefill
-        decode = sum(n for req_id, n in scheduler_output.num_scheduled_tokens.items()
-                     if n == 1 + len(spec.get(req_id, ())))
-        prefill = scheduler_output.total_num_scheduled_tokens - decode
+        decode_rows = [len(spec.get(req_id, ()))
+                       for req_id, n in scheduler_output.num_scheduled_tokens.items()
+                       if n == 1 + len(spec.get(req_id, ()))]
+        prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
+            - len(decode_rows)
+        if k and any(n != k for n in decode_rows):
+            # decode rows without k drafts (cold requests, draft_cold_requests; or the step
+            # after a k = 0 step): this step did not cost what a step at k costs
+            seconds = None
         if self._trace is not None:
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)

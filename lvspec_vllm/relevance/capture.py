@@ -88,11 +88,17 @@ class RelevanceCapture:
         seq_lens = attn_metadata.seq_lens.tolist()
         batch = self.runner.input_batch
         req_ids = batch.req_ids[:len(seq_lens)]
+        # requests the draft never runs for (draft_cold_requests) are never verified
+        cold = getattr(getattr(self.runner, "drafter", None), "cold_request_ids", ())
         self._plan = []
         for i, req_id in enumerate(req_ids):
             request = live.get(req_id)
             if request is None or not request.mm_features:
                 continue  # no visual evidence: nothing to capture
+            if req_id in cold:
+                for layer in self.layers.values():
+                    self._keys.pop((req_id, layer), None)
+                continue
             q_len = qsl[i + 1] - qsl[i]
             first_pos = seq_lens[i] - q_len
             # The rows that verify drafts: the last sampled token's and every draft's but the
