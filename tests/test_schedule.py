@@ -42,6 +42,17 @@ def test_schedule_of_zero_never_drafts(base, tmp_path):
     assert w["verify_steps"] == w["draft_tokens"] == 0
 
 
+def test_loose_with_a_schedule_of_zero_runs_without_the_capture(base, tmp_path):
+    # Nothing is ever verified, so loose verification runs without its attention capture
+    # (not installed: patches/model_runner.py); the outputs are the target's.
+    run = run_generate(tmp_path, "k0-loose", *_lvspec([[1, 64, 0]], loose=True), *WAVES,
+                       "--no-prefix-caching")
+    (w,) = run["workers"]
+    assert run["outputs"] == base["outputs"]
+    assert w["drafter_drafting_passes"] == w["verify_steps"] == 0
+    assert w["drafter_visual_tokens_in"] == 0
+
+
 def test_crossing_the_threshold_keeps_strict_outputs(base, tmp_path):
     run = run_generate(tmp_path, "cross", *_lvspec(CROSSING), *WAVES)
     (w,) = run["workers"]
