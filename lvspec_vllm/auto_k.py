@@ -267,7 +267,6 @@ class AutoK:
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
         # token (decayed sums) times what the fit says a prefill token costs more at k > 0.
-        self.price_admission = price_admission
         self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission)
         self._tokens = np.zeros(2)  # decayed (prefill tokens, output tokens)
         self._decay = decay
@@ -312,7 +311,7 @@ class AutoK:
         return self.table
 
     def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
-        if not self.price_admission or fitted.draft_prefill is None or self._tokens[1] <= 0:
+        if fitted.draft_prefill is None or self._tokens[1] <= 0:  # not priced, or no output yet
             return None
         per_prefill = fitted.draft_prefill[fitted.index(np.arange(self.max_batch + 1))]
         return per_prefill * self._tokens[0] / self._tokens[1]

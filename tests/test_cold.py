@@ -112,3 +112,17 @@ def test_nothing_is_looked_up_for_warm_rows_while_no_block_is_marked():
 
     for first in range(20):
         assert c.step([_row("a", first), _row("b", first)], 4, fail) == [False, False]
+
+
+def test_a_schedule_that_never_drafts_takes_the_option_without_complaint():
+    # every request is cold already; "needs draft_catch_up" would name the wrong cause
+    from types import SimpleNamespace
+
+    from lvspec_vllm.drafter import LVSpecDrafter
+
+    drafter = SimpleNamespace(never_drafts=True, _catch_up=False, _cold_requests=False)
+    LVSpecDrafter.enable_cold_requests(drafter)
+    assert drafter._cold_requests is False
+    drafter = SimpleNamespace(never_drafts=False, _catch_up=False, _cold_requests=False)
+    with pytest.raises(RuntimeError, match="draft_catch_up"):
+        LVSpecDrafter.enable_cold_requests(drafter)

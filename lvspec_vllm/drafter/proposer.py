@@ -213,6 +213,8 @@ class LVSpecDrafter(DraftModelProposer):
 
     def enable_cold_requests(self) -> None:
         """Requests admitted at k = 0 never run the draft (``cold.py``); needs catch-up."""
+        if self.never_drafts:
+            return  # no request ever runs the draft: every one is cold already
         if not self._catch_up:
             raise RuntimeError("LVSpec 'draft_cold_requests' needs 'draft_catch_up'")
         if self._enable_probabilistic_draft_probs:

@@ -127,7 +127,7 @@ class AutoKController:
                 "draft prefill per output token when drafting, ms %s; k by batch size %s; "
                 "steps by k %s", batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs,
-                "n/a" if admission is None else round(float(admission[min(batch, len(admission) - 1)]) * 1e3, 3),
+                "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 self.auto.table[1:65], dict(self.steps_by_k))
 
 
