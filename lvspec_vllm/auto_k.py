@@ -24,7 +24,10 @@ it turns compute-bound, and a k = 0 step may or may not run a draft forward (vLL
 runs one to keep the draft's KV cache in step; ``draft_catch_up`` defers it). A k without
 samples near B is interpolated linearly from the nearest measured k (the end's slope outside
 them), and the levels are made non-decreasing in k. A batch size with fewer than two measured k
-near it takes the nearest fitted one's levels. One linear model over every batch size (this
+near it takes the nearest fitted one's levels. Borrowed and extrapolated levels only guide a
+batch size where no k = 0 step was measured: where one was, k is chosen from 0 up to the largest
+k measured there too (``StepTimes.allowed``), so a guess never displaces the measured baseline,
+and the explorations one k up measure the next k in turn. One linear model over every batch size (this
 module's first form, T = a + b N + p(k) (c + d B)) does not fit a real engine: on a 2-core CPU
 the many samples of large batches set its fixed part and its draft cost at one request, and it
 chose k = 4 for one request where k = 1 was faster.
@@ -75,6 +78,8 @@ class StepTimes:
     # seconds per prefill token that a k > 0 step adds over a k = 0 one (the draft's prefill,
     # when requests admitted at k = 0 skip it); 0 where not measured
     draft_prefill: np.ndarray | None = None  # [len(grid)]
+    # [len(grid), k_max + 1]: k with samples near each grid point (its own, not borrowed)
+    measured: np.ndarray | None = None
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
@@ -82,6 +87,19 @@ class StepTimes:
 
     def step_time(self, batch, k):
         return self.times[self.index(batch), k]
+
+    def allowed(self, batch) -> np.ndarray:
+        """[..., k_max + 1]: the k that may be chosen at these batch sizes. Where the step
+        without speculation was measured, no k above the largest one measured there too: a
+        level beyond it is borrowed from other batch sizes or extrapolated from other k, and a
+        guess must not displace a measured baseline (explorations measure one k more in turn).
+        Where k = 0 was not measured, every k."""
+        shape = np.shape(batch) + (self.times.shape[1],)
+        if self.measured is None:
+            return np.ones(shape, dtype=bool)
+        seen = self.measured[self.index(batch)]
+        top = np.where(seen, np.arange(shape[-1]), -1).max(axis=-1, keepdims=True)
+        return ~seen[..., :1] | (np.arange(shape[-1]) <= top)
 
 
 def goodput_table(alpha, costs, max_batch: int, k_max: int,
@@ -102,6 +120,8 @@ def goodput_table(alpha, costs, max_batch: int, k_max: int,
 def choose_k(alpha, costs, max_batch: int, k_max: int, admission=None) -> list[int]:
     """Best k for every batch size 0..max_batch (index 0 unused), ties to the smaller k."""
     g = goodput_table(alpha, costs, max_batch, k_max, admission)
+    if isinstance(costs, StepTimes):
+        g = np.where(costs.allowed(np.arange(max_batch + 1)), g, -np.inf)
     best = g.max(axis=1, keepdims=True)
     # first k within a relative 1e-9 of the best: the smaller k on ties
     return [int(i) for i in np.argmax(g >= best * (1 - 1e-9), axis=1)]
@@ -182,6 +202,7 @@ class StepCostModel:
         ks = np.arange(self.k_max + 1)
         times = np.full((len(self.grid), len(ks)), np.nan)
         draft_prefill = np.zeros(len(self.grid))
+        measured = np.zeros((len(self.grid), len(ks)), dtype=bool)
         for g, b0 in enumerate(self.grid):
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
             batch, k, prefill, t, number = np.concatenate([self._bucket(i) for i in near]).T
@@ -193,6 +214,7 @@ class StepCostModel:
             w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2) \
                 * 0.5 ** ((number.max() - number) / self.half_life)
             seen = np.bincount(k, weights=w, minlength=len(ks)) >= self.min_weight
+            measured[g] = seen
             if seen.sum() < 2:
                 continue
             # one level per k (no shape in k assumed: a verify pass can be flat in its rows
@@ -227,7 +249,8 @@ class StepCostModel:
         where = np.log2(self.grid[fitted])
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
         return StepTimes(self.grid, times[fitted][nearest],
-                         draft_prefill[fitted][nearest] if self.split_prefill else None)
+                         draft_prefill[fitted][nearest] if self.split_prefill else None,
+                         measured)
 
 
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:

@@ -151,9 +151,10 @@ def test_cost_fit_recovers_the_costs_and_needs_varied_k():
             assert fit.step_time(batch, k) == pytest.approx(true.step_time(batch, k), rel=0.05)
 
 
-def _engine_step(auto, true, batch, alpha, rng):
+def _engine_step(auto, true, batch, alpha, rng, timed=lambda batch, k: True):
     """One step of a simulated engine at ``batch`` requests, drafts accepted with probability
-    alpha each, its time from ``true`` within 2 %; the controller sees what vLLM would show."""
+    alpha each, its time from ``true`` within 2 % (a sample where ``timed``); the controller
+    sees what vLLM would show."""
     k = auto.next_table()[batch]
     accepted = []
     for _ in range(batch):
@@ -162,7 +163,8 @@ def _engine_step(auto, true, batch, alpha, rng):
             m += 1
         accepted.append(m)
     t = float(true.step_time(batch, k)) * rng.uniform(0.98, 1.02)
-    auto.observe(batch, k, 0, t, [k] * batch if k else [], accepted)
+    auto.observe(batch, k, 0, t if timed(batch, k) else None, [k] * batch if k else [],
+                 accepted)
     return k, t
 
 
@@ -378,3 +380,54 @@ def test_a_step_whose_decode_rows_lack_drafts_is_no_sample():
     assert len(ctl.auto.costs.samples) == 2
     step(4, {"a": [5] * 4, "b": [6] * 4})
     assert len(ctl.auto.costs.samples) == 3
+
+
+def test_no_k_above_the_largest_measured_where_k0_was_measured():
+    # Samples at 4 requests for k = 0 and 4 (drafting pays), at 64 for k = 0 only. The levels
+    # at 64 are 4's, borrowed; they would choose k = 4 there, over a measured k = 0.
+    model = StepCostModel(4, 64, min_samples=8)
+    for _ in range(10):
+        for k in (0, 4):
+            model.add(4, k, 0.010 + 0.001 * k)
+        model.add(64, 0, 0.010)
+    fitted = model.fit()
+    assert fitted.step_time(64, 4) == pytest.approx(0.014)  # borrowed from 4 requests
+    alpha = [0.9] * 4
+    assert fitted.allowed(4).tolist() == [True] * 5          # 1..3 lie between 0 and 4
+    assert fitted.allowed(64).tolist() == [True] + [False] * 4
+    table = choose_k(alpha, fitted, 64, 4)
+    assert table[4] == 4 and table[64] == 0
+    # without the measured baseline at 64, the borrowed levels guide the choice
+    model = StepCostModel(4, 64, min_samples=8)
+    for _ in range(10):
+        for k in (0, 2):
+            model.add(4, k, 0.010 + 0.001 * k)
+    fitted = model.fit()
+    assert fitted.allowed(64).tolist() == [True] * 5
+    assert fitted.allowed(4).tolist() == [True] * 3 + [False] * 2  # 3, 4: extrapolated
+    assert choose_k(alpha, fitted, 64, 4)[64] == 4
+    assert choose_k(alpha, fitted, 64, 4)[4] == 2
+
+
+def test_closed_loop_where_drafting_steps_are_never_samples_keeps_k0():
+    # As with draft_cold_requests under load: at 40 requests and more every step at k > 0 mixes
+    # cold and warm requests and is no sample, so only k = 0 is measured there. The levels
+    # borrowed from smaller batches say k = 1 pays at 64 (it does not: verifying is
+    # compute-bound there); the controller must keep the measured baseline.
+    true = _Roofline(memory=0.024, row=5e-4, c=3e-3, d=1e-5)
+    alpha = 0.8
+    rng = random.Random(4)
+    auto = AutoK(k_max=4, max_batch=64)
+    late = []
+    for level in (1, 4, 16, 64):
+        for step in range(400):
+            batch = max(1, min(64, int(level * rng.uniform(0.7, 1.3))))
+            k, _ = _engine_step(auto, true, batch, alpha, rng,
+                                timed=lambda batch, k: k == 0 or batch < 40)
+            if level == 64 and step >= 200:
+                late.append(k)
+    goodput = goodput_table([alpha] * 4, true, 64, 4)
+    assert goodput[64].argmax() == 0 and goodput[16].argmax() > 0
+    assert auto.table[16] > 0
+    assert all(k == 0 for k in auto.table[45:65]), auto.table
+    assert sum(k > 0 for k in late) <= len(late) // 8  # explorations only

@@ -121,12 +121,14 @@ class AutoKController:
             costs = "uncalibrated" if fitted is None else [
                 round(float(t) * 1e3, 2)
                 for t in fitted.step_time(batch, np.arange(self.auto.k_max + 1))]
+            measured = "n/a" if fitted is None or fitted.measured is None else \
+                np.flatnonzero(fitted.measured[fitted.index(batch)]).tolist()
             admission = self.auto.admission
             logger.info(
-                "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s; "
-                "draft prefill per output token when drafting, ms %s; k by batch size %s; "
-                "steps by k %s", batch, self.last_k,
-                [round(float(a), 2) for a in self.auto.profile.alpha()], costs,
+                "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
+                "(measured near it: k %s); draft prefill per output token when drafting, "
+                "ms %s; k by batch size %s; steps by k %s", batch, self.last_k,
+                [round(float(a), 2) for a in self.auto.profile.alpha()], costs, measured,
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 self.auto.table[1:65], dict(self.steps_by_k))
 
