@@ -27,8 +27,9 @@ them), and the levels are made non-decreasing in k. A batch size with fewer than
 near it takes the nearest fitted one's levels. Borrowed and extrapolated levels only guide a
 batch size where no k = 0 step was measured: where one was, k is chosen from 0 up to the largest
 k measured there too (``StepTimes.allowed``), so a guess never displaces the measured baseline,
-and the explorations one k up measure the next k in turn. One linear model over every batch size (this
-module's first form, T = a + b N + p(k) (c + d B)) does not fit a real engine: on a 2-core CPU
+and the explorations one k up measure the next k in turn. (With cold requests, where running a
+guess need not measure it, a batch size with nothing measured runs k = 0.) One linear model
+over every batch size (this module's first form, T = a + b N + p(k) (c + d B)) does not fit a real engine: on a 2-core CPU
 the many samples of large batches set its fixed part and its draft cost at one request, and it
 chose k = 4 for one request where k = 1 was faster.
 
@@ -80,6 +81,8 @@ class StepTimes:
     draft_prefill: np.ndarray | None = None  # [len(grid)]
     # [len(grid), k_max + 1]: k with samples near each grid point (its own, not borrowed)
     measured: np.ndarray | None = None
+    # where k = 0 was not measured, may a borrowed or extrapolated level choose a k > 0?
+    guess: bool = True
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
@@ -89,17 +92,18 @@ class StepTimes:
         return self.times[self.index(batch), k]
 
     def allowed(self, batch) -> np.ndarray:
-        """[..., k_max + 1]: the k that may be chosen at these batch sizes. Where the step
-        without speculation was measured, no k above the largest one measured there too: a
-        level beyond it is borrowed from other batch sizes or extrapolated from other k, and a
-        guess must not displace a measured baseline (explorations measure one k more in turn).
-        Where k = 0 was not measured, every k."""
+        """[..., k_max + 1]: the k that may be chosen at these batch sizes: 0, and none above
+        the largest k measured near the batch size. A level beyond it is borrowed from other
+        batch sizes or extrapolated from other k, and a guess must not displace a measured
+        baseline (explorations measure one k more in turn). Where k = 0 was not measured
+        either, every k if ``guess`` (running the guess measures it), else only 0."""
         shape = np.shape(batch) + (self.times.shape[1],)
         if self.measured is None:
             return np.ones(shape, dtype=bool)
         seen = self.measured[self.index(batch)]
-        top = np.where(seen, np.arange(shape[-1]), -1).max(axis=-1, keepdims=True)
-        return ~seen[..., :1] | (np.arange(shape[-1]) <= top)
+        ks = np.arange(shape[-1])
+        top = np.where(seen, ks, 0).max(axis=-1, keepdims=True)
+        return (ks <= top) | (self.guess & ~seen[..., :1])
 
 
 def goodput_table(alpha, costs, max_batch: int, k_max: int,
@@ -158,8 +162,9 @@ class StepCostModel:
 
     def __init__(self, k_max: int, max_batch: int, window: int = 256, min_samples: int = 24,
                  width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
-                 split_prefill: bool = False):
+                 split_prefill: bool = False, guess: bool = True):
         self.k_max = k_max
+        self.guess = guess  # StepTimes.guess
         # prefill priced apart at k = 0 and k > 0 (draft_cold_requests: only requests admitted
         # at k > 0 run the draft's prefill), which yields StepTimes.draft_prefill
         self.split_prefill = split_prefill
@@ -250,7 +255,7 @@ class StepCostModel:
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
         return StepTimes(self.grid, times[fitted][nearest],
                          draft_prefill[fitted][nearest] if self.split_prefill else None,
-                         measured)
+                         measured, self.guess)
 
 
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -290,7 +295,10 @@ class AutoK:
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
         # token (decayed sums) times what the fit says a prefill token costs more at k > 0.
-        self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission)
+        # And a step at k > 0 whose batch mixes cold and warm requests is no sample, so a k > 0
+        # guessed at a batch size would run there unmeasured: nothing measured, no drafting.
+        self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission,
+                                   guess=not price_admission)
         self._tokens = np.zeros(2)  # decayed (prefill tokens, output tokens)
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token

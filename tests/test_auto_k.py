@@ -407,6 +407,14 @@ def test_no_k_above_the_largest_measured_where_k0_was_measured():
     assert fitted.allowed(4).tolist() == [True] * 3 + [False] * 2  # 3, 4: extrapolated
     assert choose_k(alpha, fitted, 64, 4)[64] == 4
     assert choose_k(alpha, fitted, 64, 4)[4] == 2
+    # unless guesses are off (cold requests: running one need not measure it)
+    model.guess = False
+    fitted = model.fit()
+    assert fitted.allowed(64).tolist() == [True] + [False] * 4
+    assert fitted.allowed(4).tolist() == [True] * 3 + [False] * 2
+    assert choose_k(alpha, fitted, 64, 4)[64] == 0
+    assert not AutoK(4, 64, price_admission=True).costs.guess
+    assert AutoK(4, 64).costs.guess
 
 
 def test_closed_loop_where_drafting_steps_are_never_samples_keeps_k0():
