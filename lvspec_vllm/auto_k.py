@@ -29,9 +29,9 @@ batch size where no k = 0 step was measured: where one was, k is chosen from 0 u
 k measured there too (``StepTimes.allowed``), so a guess never displaces the measured baseline,
 and the explorations one k up measure the next k in turn. (With cold requests, where running a
 guess need not measure it, a batch size with nothing measured runs k = 0.) One linear model
-over every batch size (this module's first form, T = a + b N + p(k) (c + d B)) does not fit a real engine: on a 2-core CPU
-the many samples of large batches set its fixed part and its draft cost at one request, and it
-chose k = 4 for one request where k = 1 was faster.
+over every batch size (this module's first form, T = a + b N + p(k) (c + d B)) does not fit a
+real engine: on a 2-core CPU the many samples of large batches set its fixed part and its draft
+cost at one request, and it chose k = 4 for one request where k = 1 was faster.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
