@@ -39,6 +39,7 @@ feeds it and applies the choice through vLLM's own per-batch-size k table.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,6 +259,71 @@ class StepCostModel:
                          measured, self.guess)
 
 
+class DraftPassCost:
+    """What a prompt token costs the draft, from the drafter's own clock (``draft_cold_requests``).
+
+    Each sample is one propose call that ran the draft: its k, the requests it ran, its prompt
+    tokens (prefill chunks of requests that draft), its other first-pass tokens (decode rows and
+    the tokens they catch up) and its seconds. The calls without prompt tokens fit, by decayed
+    least squares, one level per k and a cost per request and per other token; the price is the
+    median, over the latest ``window`` calls with prompt tokens, of what each cost above that
+    fit, per prompt token. The median, because the first calls of a new prompt shape also pay
+    one-time costs (the encoder's and kernels' first runs) that a mean would keep for long.
+    Unlike the engine's step times this measures prefill at one request too, where every
+    prefill step follows an idle engine and is no step-time sample.
+    """
+
+    def __init__(self, k_max: int, window: int = 32, decay: float = 0.998,
+                 min_weight: float = 2.0):
+        self.k_max = k_max
+        n = k_max + 1 + 2
+        self._xtx = np.zeros((n, n))
+        self._xty = np.zeros(n)
+        self._k_weight = np.zeros(k_max + 1)  # decayed count of calls without prompt tokens
+        self._prompted: deque[tuple[np.ndarray, int, float]] = deque(maxlen=window)
+        self.decay = decay
+        self.min_weight = min_weight
+        self.count = 0
+
+    def _row(self, k: int, rows: int, other: int) -> np.ndarray:
+        x = np.zeros(len(self._xty))
+        x[min(k, self.k_max)] = 1.0
+        x[-2:] = (rows, other)
+        return x
+
+    def add(self, k: int, rows: int, prompt: int, other: int, seconds: float) -> None:
+        x = self._row(k, rows, other)
+        self.count += 1
+        if prompt > 0:
+            self._prompted.append((x, prompt, seconds))
+            return
+        self._xtx = self._xtx * self.decay + np.outer(x, x)
+        self._xty = self._xty * self.decay + x * seconds
+        self._k_weight *= self.decay
+        self._k_weight[min(k, self.k_max)] += 1.0
+
+    def _priced(self) -> list[tuple[np.ndarray, int, float]]:
+        # calls with prompt tokens at a k whose level was measured without them
+        return [c for c in self._prompted
+                if self._k_weight[int(np.argmax(c[0][:self.k_max + 1]))] >= self.min_weight]
+
+    @property
+    def ready(self) -> bool:
+        """A call with prompt tokens was timed at a k measured without them too."""
+        w = self._k_weight
+        return any(w[int(np.argmax(x[:self.k_max + 1]))] >= self.min_weight
+                   for x, _, _ in self._prompted)
+
+    def price(self) -> float | None:
+        """Seconds per prompt token, or None until ``ready``."""
+        calls = self._priced()
+        if not calls:
+            return None
+        # rcond: with one request per call the request column is the level columns' sum
+        coef = np.linalg.pinv(self._xtx, rcond=1e-10, hermitian=True) @ self._xty
+        return max(float(np.median([(t - x @ coef) / n for x, n, t in calls])), 0.0)
+
+
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Levels of the k without samples, linearly from the nearest two seen k (inside the seen
     range: between its neighbours; outside: the end's slope), then non-decreasing in k:
@@ -294,11 +360,16 @@ class AutoK:
         self.profile = AcceptanceProfile(k_max)
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
-        # token (decayed sums) times what the fit says a prefill token costs more at k > 0.
+        # token (decayed sums) times what a prompt token costs the draft (its own clock,
+        # DraftPassCost; until it has one, what the fit says a prefill token costs more at
+        # k > 0, which needs prefill steps that follow a busy engine at both k).
         # And a step at k > 0 whose batch mixes cold and warm requests is no sample, so a k > 0
         # guessed at a batch size would run there unmeasured: nothing measured, no drafting.
         self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission,
                                    guess=not price_admission)
+        # the draft's prefill timed by the drafter itself, where it reports its passes
+        # (observe_draft); it takes precedence over the step-time fit's difference
+        self.draft_cost = DraftPassCost(k_max)
         self._tokens = np.zeros(2)  # decayed (prefill tokens, output tokens)
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
@@ -322,6 +393,12 @@ class AutoK:
             self.profile.update(drafted, accepted)
         self.steps += 1
 
+    def observe_draft(self, passes) -> None:
+        """The drafter's timed passes since the last step: (k, rows, prompt tokens, other
+        first-pass tokens, seconds) each."""
+        for sample in passes:
+            self.draft_cost.add(*sample)
+
     def next_table(self) -> list[int]:
         """The k per batch size to use for the next step."""
         if self.steps < self.calibration_steps:
@@ -344,5 +421,7 @@ class AutoK:
     def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
         if fitted.draft_prefill is None or self._tokens[1] <= 0:  # not priced, or no output yet
             return None
-        per_prefill = fitted.draft_prefill[fitted.index(np.arange(self.max_batch + 1))]
+        price = self.draft_cost.price()
+        per_prefill = fitted.draft_prefill[fitted.index(np.arange(self.max_batch + 1))] \
+            if price is None else np.full(self.max_batch + 1, price)
         return per_prefill * self._tokens[0] / self._tokens[1]

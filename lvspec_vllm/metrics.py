@@ -143,6 +143,14 @@ class LVSpecCollector:
             yield family
             yield GaugeMetricFamily("lvspec:auto_k", "k of the latest step under auto_k.",
                                     value=totals.get("auto_k_last", 0))
+        if "auto_k_draft_passes" in totals:  # draft_cold_requests: the drafter's own clock
+            yield CounterMetricFamily("lvspec:auto_k_draft_passes", "Draft passes timed by the "
+                                      "drafter that reached auto_k.",
+                                      value=totals["auto_k_draft_passes"])
+            yield GaugeMetricFamily("lvspec:auto_k_draft_prompt_token_seconds", "What a prompt "
+                                    "token costs the draft, as auto_k prices it (0: not yet "
+                                    "measured).",
+                                    value=totals.get("auto_k_draft_prompt_token_seconds", 0))
         for metric, (doc, label, values) in METRICS.items():
             family = CounterMetricFamily(metric, doc, labels=[label] if label else None)
             if label is None:

@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from lvspec_vllm.auto_k import (AcceptanceProfile, AutoK, Costs, StepCostModel, StepTimes,
-                                choose_k, expected_tokens, goodput_table)
+from lvspec_vllm.auto_k import (AcceptanceProfile, AutoK, Costs, DraftPassCost, StepCostModel,
+                                StepTimes, choose_k, expected_tokens, goodput_table)
 
 
 def test_expected_tokens():
@@ -439,3 +439,122 @@ def test_closed_loop_where_drafting_steps_are_never_samples_keeps_k0():
     assert auto.table[16] > 0
     assert all(k == 0 for k in auto.table[45:65]), auto.table
     assert sum(k > 0 for k in late) <= len(late) // 8  # explorations only
+
+
+@pytest.mark.parametrize("batches", [(1,), (1, 2, 4, 8)])
+def test_the_drafters_passes_price_a_prompt_token(batches):
+    # A propose call: a level per k, a cost per request and per decode token, and 3e-5 s per
+    # prompt token; at one request the request column is the level columns' sum.
+    rng = np.random.default_rng(5)
+    cost = DraftPassCost(4)
+    assert cost.price() is None
+    cost.add(4, 1, 500, 0, 1.0)  # the first prefill also pays one-time costs: the median
+    for _ in range(400):
+        k, rows = int(rng.integers(0, 5)), int(rng.choice(batches))
+        prompt = int(rng.choice([0, 0, 0, 0, 200, 700]))
+        other = rows * int(rng.integers(1, k + 2))
+        t = 0.002 + 0.001 * k + 1e-4 * rows + 5e-6 * other + 3e-5 * prompt
+        cost.add(k, rows, prompt, other, t * rng.uniform(0.99, 1.01))
+    assert cost.price() == pytest.approx(3e-5, rel=0.05)
+    assert cost.count == 401
+    only_decode, only_prompt = DraftPassCost(4), DraftPassCost(4)
+    for _ in range(50):
+        only_decode.add(4, 1, 0, 3, 0.006)
+        only_prompt.add(4, 1, 300, 0, 0.015)
+    assert only_decode.price() is None and only_prompt.price() is None  # not identifiable
+    assert not only_prompt.ready
+    for other in (1, 3, 5):  # the level at k = 2 and a cost per token: 0.003 + 3e-4 x other
+        only_prompt.add(2, 1, 0, other, 0.003 + 3e-4 * other)
+    assert not only_prompt.ready  # a level at k = 2 prices no call at k = 4
+    only_prompt.add(2, 1, 300, 0, 0.012)
+    assert only_prompt.ready and only_prompt.price() == pytest.approx(3e-5)
+
+
+def _one_request_at_a_time(auto, price, clock, requests=120, prompt=512, output=32,
+                           alpha=0.8, seed=6):
+    """Requests one after another (c = 1): each prefill step follows an idle engine (no step
+    sample), and a request admitted at k > 0 also runs the draft's prefill, ``price`` s per
+    prompt token, which only the drafter's clock sees (``clock``). A request admitted at k = 0
+    is cold: it never drafts, and its steps at k > 0 are no samples."""
+    rng = random.Random(seed)
+
+    def step_time(k):  # the target's step plus k draft passes, at one request
+        return 0.010 + 0.0002 * k + 0.0015 * k
+
+    for _ in range(requests):
+        k = auto.next_table()[1]
+        warm = k > 0
+        auto.observe(1, k, prompt, None, [], [], 1)  # after idle: no sample; its first token
+        if warm and clock:
+            auto.observe_draft([(k, 1, prompt, 0, 0.0015 * k + price * prompt)])
+        left = output - 1
+        while left > 0:
+            k = auto.next_table()[1]
+            m = 0
+            while warm and m < min(k, left - 1) and rng.random() < alpha:
+                m += 1
+            if warm:
+                t = step_time(k)
+                if k and clock:
+                    auto.observe_draft([(k, 1, 0, 1 + m, 0.0015 * k)])
+            else:
+                t = step_time(0)
+            auto.observe(1, k, 0, None if k and not warm else t * rng.uniform(0.99, 1.01),
+                         [k] if k and warm else [], [m] if k and warm else [], 1 + m)
+            left -= 1 + m
+
+
+@pytest.mark.parametrize("price,clock,drafts", [
+    (4e-4, True, False),   # the draft's prefill costs more per output token than drafting saves
+    (1e-5, True, True),    # cheap: drafting still pays
+    (4e-4, False, True),   # without the drafter's clock the prefill is unpriced at c = 1
+])
+def test_at_one_request_the_drafters_clock_prices_its_prefill(price, clock, drafts):
+    # Per step drafting pays at one request (k = 4: 3.4 tokens for 1.7x the time); 512 prompt
+    # tokens at 4e-4 s over 32 output tokens add 6.4 ms to each, which it does not.
+    auto = AutoK(k_max=4, max_batch=4, price_admission=True)
+    _one_request_at_a_time(auto, price, clock)
+    assert (auto.table[1] > 0) == drafts, auto.table
+    if clock:
+        assert auto.draft_cost.price() == pytest.approx(price, rel=0.01)
+        assert auto.admission[1] == pytest.approx(price * 512 / 32, rel=0.1)
+    else:
+        assert auto.draft_cost.price() is None  # the step-time fit's difference: 0 here
+
+
+def test_the_drafters_passes_reach_the_controller_on_the_steps_output():
+    # patches/runner_output.py attaches them in the worker; the multiprocess executor pickles
+    # the output; the scheduler's hook feeds them to the controller.
+    import pickle
+    from types import SimpleNamespace
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    from lvspec_vllm.patches.runner_output import SampleTokensPatch, draft_passes
+    from lvspec_vllm.patches.scheduler import AutoKController
+
+    queue = [[(4, 1, 300, 0, 0.02)], [], [(4, 1, 0, 3, 0.006)]]
+    runner = SimpleNamespace(drafter=SimpleNamespace(take_timed_passes=lambda: queue.pop(0)))
+
+    def sample(out):
+        return SampleTokensPatch.wrapper(lambda self, grammar: out, runner, None)
+
+    out = sample(ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0},
+                                   sampled_token_ids=[[7]]))
+    out = pickle.loads(pickle.dumps(out))
+    assert draft_passes(out) == [(4, 1, 300, 0, 0.02)]
+    assert out.sampled_token_ids == [[7]]
+    assert draft_passes(sample(ModelRunnerOutput(req_ids=[], req_id_to_index={}))) == []
+    assert sample(EMPTY_MODEL_RUNNER_OUTPUT) is EMPTY_MODEL_RUNNER_OUTPUT
+    assert draft_passes(EMPTY_MODEL_RUNNER_OUTPUT) == [] and len(queue) == 1  # not taken
+    assert draft_passes(SampleTokensPatch.wrapper(lambda self, g: out, SimpleNamespace(),
+                                                  None)) == [(4, 1, 300, 0, 0.02)]
+
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=[0] * 5,
+                                get_num_unfinished_requests=lambda: 1)
+    ctl = AutoKController(scheduler, 4, price_admission=True)
+    step = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1,
+                           num_spec_tokens_to_schedule=0, scheduled_spec_decode_tokens={})
+    ctl.after_step(scheduler, step, out)
+    assert ctl.auto.draft_cost.count == 1

@@ -63,3 +63,42 @@ def test_cuda_timer_reads_only_finished_calls_and_never_waits(monkeypatch):
     _FakeEvent.done_until = 6.0
     assert timer.total_us() == 3_000
     assert timer._pending == []
+
+
+def test_noted_calls_become_samples_only_when_kept():
+    timer = StepTimer("cpu")
+    with timer:
+        timer.note(4, 1, 256, 0)  # not kept: auto_k does not read them
+    assert timer.take_samples() == []
+    timer.keep_samples = True
+    with timer:
+        time.sleep(0.01)
+        timer.note(4, 1, 256, 0)
+    with timer:
+        pass  # a call that ran no pass notes nothing: no sample
+    with timer:
+        timer.note(0, 2, 0, 3)
+    (first, second) = timer.take_samples()
+    assert first[:4] == (4, 1, 256, 0) and first[4] >= 0.01
+    assert second[:4] == (0, 2, 0, 3) and 0 <= second[4] < 0.01
+    assert timer.take_samples() == []  # taken once
+    for i in range(timing._MAX_SAMPLES + 5):  # nobody takes them: bounded, the newest kept
+        with timer:
+            timer.note(i)
+    samples = timer.take_samples()
+    assert len(samples) == timing._MAX_SAMPLES and samples[-1][0] == timing._MAX_SAMPLES + 4
+
+
+def test_cuda_samples_arrive_when_the_device_finished_them(monkeypatch):
+    monkeypatch.setattr(timing.torch.cuda, "Event", _FakeEvent)
+    _FakeEvent.clock, _FakeEvent.done_until = 0.0, 0.0
+    timer = StepTimer(torch.device("cuda", 0))
+    timer.keep_samples = True
+    for k in (4, 2):
+        with timer:
+            timer.note(k, 1, 0, 1)
+    assert timer.take_samples() == []
+    _FakeEvent.done_until = 2.0
+    assert timer.take_samples() == [(4, 1, 0, 1, 1e-3)]
+    _FakeEvent.done_until = 4.0
+    assert timer.take_samples() == [(2, 1, 0, 1, 1e-3)]

@@ -37,3 +37,18 @@ def test_collector_sums_engines_and_survives_a_torn_file(tmp_path):
     text = generate_latest(registry).decode()
     assert "lvspec:verify_steps_total 5.0" in text
     assert 'lvspec:accepted_tokens_total{rule="exact"} 6.0' in text
+
+
+def test_auto_k_snapshot_reaches_prometheus_text(tmp_path):
+    (tmp_path / "core-1.json").write_text(
+        '{"auto_k_steps_0": 3, "auto_k_steps_4": 9, "auto_k_last": 4, '
+        '"auto_k_draft_passes": 12, "auto_k_draft_prompt_token_seconds": 3e-05}')
+    registry = CollectorRegistry()
+    registry.register(LVSpecCollector(str(tmp_path)))
+    text = generate_latest(registry).decode()
+    assert 'lvspec:auto_k_steps_total{k="4"} 9.0' in text
+    assert "lvspec:auto_k 4.0" in text
+    assert "lvspec:auto_k_draft_passes_total 12.0" in text
+    assert "lvspec:auto_k_draft_prompt_token_seconds 3e-05" in text
+    (tmp_path / "core-1.json").write_text('{"auto_k_steps_0": 3, "auto_k_last": 0}')
+    assert "auto_k_draft" not in generate_latest(registry).decode()  # no cold requests

@@ -123,3 +123,18 @@ def test_cold_requests_never_run_the_draft_and_the_rest_stay_exact(base, tmp_pat
     assert 0 < w["drafter_cold_requests"] < 12
     assert w["draft_tokens"] == w["accepted_tokens"] > 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"]
+
+
+def test_auto_k_with_cold_requests_times_the_drafts_passes(base, tmp_path):
+    # The drafter's own timing of its passes reaches the controller on the step's output
+    # (patches/runner_output.py), which prices the draft's prefill from it; strict outputs
+    # stay the target's.
+    run = run_generate(tmp_path, "auto-cold", "--family", "qwen25vl", "--draft",
+                       "qwen25vl_vl_aligned", "--k", "4", "--lvspec-options",
+                       json.dumps({"auto_k": True, "draft_cold_requests": True}), *WAVES)
+    assert run["outputs"] == base["outputs"]
+    (core,) = [v for k, v in run.get("published", {}).items() if k.startswith("core-")]
+    (w,) = run["workers"]
+    print(core, w)
+    assert 0 < core["auto_k_draft_passes"] <= w["drafter_propose_calls"]
+    assert core["auto_k_draft_prompt_token_seconds"] > 0

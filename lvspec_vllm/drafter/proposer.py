@@ -16,7 +16,8 @@ these additions:
   (``pruning.py``; ``_decide_pruning``, ``_drop_pruned``).
 * **Its own clock.** ``counts["draft_us"]`` is the time spent in ``propose`` (the draft's
   encoder and forward passes), CUDA events on a GPU so the step never waits for it
-  (``timing.py``).
+  (``timing.py``). With cold requests each call is also a sample of what it ran, from which
+  ``auto_k`` prices the draft's prefill (``take_timed_passes``).
 * **k from the scheduler.** The per-step k comes from vLLM's scheduler
   (``num_speculative_tokens_per_batch_size``, or auto_k). At k = 0 vLLM's proposer still runs one
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
@@ -222,6 +223,12 @@ class LVSpecDrafter(DraftModelProposer):
             raise RuntimeError("LVSpec 'draft_cold_requests' needs greedy drafting "
                                "(vLLM's draft_sample_method 'greedy')")
         self._cold_requests = True
+        self.timer.keep_samples = True  # auto_k prices the draft's prefill from them
+
+    def take_timed_passes(self) -> list[tuple]:
+        """The propose calls timed since the last take, for ``auto_k``: (k, requests run,
+        prompt tokens, other first-pass tokens, seconds) each; with cold requests only."""
+        return self.timer.take_samples()
 
     @property
     def cold_request_ids(self) -> set[str]:
@@ -268,6 +275,9 @@ class LVSpecDrafter(DraftModelProposer):
             self._counts["skipped_passes"] += 1
             self._last_draft_probs = None
             return self._no_drafts(cad) if k == 0 else self._cold_drafts(batch, k, [], None)
+        prompt = sum(rows[i].num_tokens for i in run if not rows[i].decoding)
+        other = sum(rows[i].num_tokens for i in run) - prompt + lag.pending_tokens(rows, run)
+        self.timer.note(k, len(run), prompt, other)
         behind = lag.lagging(rows, run)
         if not behind and len(run) == batch:  # nothing to catch up: vLLM's own pass
             self._count_pass(k, batch)

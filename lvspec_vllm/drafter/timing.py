@@ -4,44 +4,70 @@ On CPU the step is synchronous and a wall clock is exact. On CUDA the work is on
 ``propose`` returns, so each call is bracketed by a pair of CUDA events and a pair is read once
 the device has passed its end event (``Event.query``, which never blocks): the step never waits
 for the timer, and the total trails the device by the steps still in flight.
+
+With ``keep_samples`` a call that ``note``\\ s what it ran also yields one sample, that note plus
+its seconds, for ``auto_k``'s price of the draft's prefill (``take_samples``).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
+
+_MAX_SAMPLES = 256  # if nobody takes them, the oldest go
 
 
 class StepTimer:
     def __init__(self, device: torch.device | str):
         self.cuda = torch.device(device).type == "cuda"
         self._us = 0.0
-        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # (start, end, note) per call in flight
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, tuple | None]] = []
         self._t0 = 0.0
+        self.keep_samples = False
+        self._note: tuple | None = None
+        self._samples: deque[tuple] = deque(maxlen=_MAX_SAMPLES)
 
     def __enter__(self):
+        self._note = None
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-            self._pending.append((start, torch.cuda.Event(enable_timing=True)))
+            self._pending.append((start, torch.cuda.Event(enable_timing=True), None))
         else:
             self._t0 = time.perf_counter()
         return self
 
+    def note(self, *what) -> None:
+        """Inside the timed call: what it ran, the sample's fields before its seconds."""
+        if self.keep_samples:
+            self._note = what
+
     def __exit__(self, *exc) -> None:
         if self.cuda:
-            self._pending[-1][1].record()
+            start, end, _ = self._pending[-1]
+            end.record()
+            self._pending[-1] = (start, end, self._note)
             self._drain()
         else:
-            self._us += (time.perf_counter() - self._t0) * 1e6
+            seconds = time.perf_counter() - self._t0
+            self._us += seconds * 1e6
+            if self._note is not None:
+                self._samples.append((*self._note, seconds))
+        self._note = None
 
     def _drain(self) -> None:
         done = 0
-        for start, end in self._pending:  # recorded in stream order: stop at the first unfinished
+        # recorded in stream order: stop at the first unfinished
+        for start, end, note in self._pending:
             if not end.query():
                 break
-            self._us += start.elapsed_time(end) * 1e3
+            ms = start.elapsed_time(end)
+            self._us += ms * 1e3
+            if note is not None:
+                self._samples.append((*note, ms * 1e-3))
             done += 1
         del self._pending[:done]
 
@@ -50,3 +76,11 @@ class StepTimer:
         if self.cuda:
             self._drain()
         return int(self._us)
+
+    def take_samples(self) -> list[tuple]:
+        """The noted calls finished since the last take: (*note, seconds) each."""
+        if self.cuda:
+            self._drain()
+        out = list(self._samples)
+        self._samples.clear()
+        return out

