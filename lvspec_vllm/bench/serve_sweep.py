@@ -129,6 +129,8 @@ def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict
             steps = {k: n - k_before.get(k, 0.0) for k, n in k_after.items()}
             steps = {k: n for k, n in steps.items() if n > 0}
             r["auto_k_steps"] = steps
+            price = after.get("lvspec:auto_k_draft_prompt_token_seconds")  # cold requests
+            r["draft_prompt_token_us"] = price * 1e6 if price else None
             r["mean_k"] = (sum(k * n for k, n in steps.items()) / sum(steps.values())
                            if steps else None)
             results.append(r)
@@ -161,7 +163,8 @@ def median_run(reps: list[dict]) -> dict:
         same = [r["levels"][i] for r in reps]
         levels.append({**first, **{key: median(lv.get(key) for lv in same) for key in (
             "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
-            "draft_skipped_steps")}, "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
+            "draft_skipped_steps", "draft_prompt_token_us")},
+            "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
     return {**reps[0], "levels": levels, "repeats": len(reps)}
 
 
