@@ -558,3 +558,44 @@ def test_the_drafters_passes_reach_the_controller_on_the_steps_output():
                            num_spec_tokens_to_schedule=0, scheduled_spec_decode_tokens={})
     ctl.after_step(scheduler, step, out)
     assert ctl.auto.draft_cost.count == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_acceptance_counts_follow_their_definition(seed):
+    # position i is reached by a request whose first i drafts were accepted and that drafted
+    # more than i; it is accepted if the request's accepted drafts exceed i
+    rng = random.Random(seed)
+    k_max = rng.randint(1, 8)
+    profile = AcceptanceProfile(k_max)
+    reached, accepted = profile.reached.copy(), profile.accepted.copy()
+    for _ in range(6):
+        drafted = [rng.randint(0, k_max + 2) for _ in range(rng.randint(0, 6))]
+        acc = [rng.randint(0, n + 1) for n in drafted]
+        reached, accepted = reached * profile.decay, accepted * profile.decay
+        for n, m in zip(drafted, acc):
+            n = min(n, k_max)
+            m = min(m, n)
+            reached += [i < n and i <= m for i in range(k_max)]
+            accepted += [i < m for i in range(k_max)]
+        profile.update(drafted, acc)
+        assert profile.reached == pytest.approx(reached)
+        assert profile.accepted == pytest.approx(accepted)
+
+
+def test_refitting_only_the_points_near_new_samples_equals_a_whole_fit():
+    rng = np.random.default_rng(8)
+    steps = [(int(rng.choice([1, 3, 8, 20, 64])), int(rng.integers(0, 5)),
+              int(rng.choice([0, 0, 128])), float(rng.uniform(0.004, 0.03))) for _ in range(900)]
+    steps += [(int(rng.integers(1, 3)), int(rng.integers(0, 5)), 0, 0.005) for _ in range(300)]
+    incremental = StepCostModel(4, 64, min_samples=8, split_prefill=True)
+    for i, (batch, k, prefill, t) in enumerate(steps):
+        incremental.add(batch, k, t, prefill)
+        if i % 50 == 49:
+            fitted = incremental.fit()
+    whole = StepCostModel(4, 64, min_samples=8, split_prefill=True)
+    for batch, k, prefill, t in steps:
+        whole.add(batch, k, t, prefill)
+    want = whole.fit()
+    assert np.array_equal(fitted.times, want.times)
+    assert np.array_equal(fitted.draft_prefill, want.draft_prefill)
+    assert np.array_equal(fitted.measured, want.measured)
