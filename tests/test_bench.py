@@ -178,3 +178,12 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert s["steps"] == 6 and s["prefill_steps"] == 1
     assert s["prefill_share"] == pytest.approx(0.012 / 0.045)
     assert s["decode_ms"] == {"4,0": (1, pytest.approx(3.0)), "4,2": (2, pytest.approx(7.0))}
+
+
+def test_auto_k_cost_prints_microseconds_per_step(capsys):
+    from lvspec_vllm.bench import auto_k_cost
+
+    auto_k_cost.main(["--max-batch", "16", "--steps", "40"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 16"]
+    assert all(float(line.split()[2]) > 0 for line in lines)

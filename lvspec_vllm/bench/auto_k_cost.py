@@ -1,0 +1,48 @@
+"""What auto_k costs per engine step: ``AutoK.observe`` and ``next_table`` (the fit and the
+choice every ``refit_every`` steps), which run in the scheduler's step loop.
+
+    python -m lvspec_vllm.bench.auto_k_cost [--max-batch 64] [--steps 2000]
+
+Fills the controller with mixed steps over batch sizes 1-64 (every 9th with a prefill), then
+times steps at one batch size each and prints microseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from lvspec_vllm.auto_k import AutoK
+
+
+def per_step_us(max_batch: int, steps: int, batch: int, seed: int = 0) -> float:
+    auto = AutoK(4, max_batch, price_admission=True)
+    rng = random.Random(seed)
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch]
+    for i in range(3000):  # calibrated, every grid point's buckets filled
+        b = rng.choice(sizes)
+        k = auto.next_table()[b]
+        auto.observe(b, k, 100 if i % 9 == 0 else 0, 0.005 + 0.001 * k,
+                     [k] * b if k else [], [1] * b if k else [], b)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        k = auto.next_table()[batch]
+        auto.observe(batch, k, 0, 0.005 + 0.001 * k, [k] * batch if k else [],
+                     [1] * batch if k else [], batch)
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=2000)
+    args = ap.parse_args(argv)
+    for batch in (1, 16, 64):
+        if batch <= args.max_batch:
+            us = per_step_us(args.max_batch, args.steps, batch)
+            print(f"batch {batch}: {us:.0f} us per step", flush=True)
+
+
+if __name__ == "__main__":
+    main()
