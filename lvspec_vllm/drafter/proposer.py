@@ -16,8 +16,8 @@ these additions:
   (``pruning.py``; ``_decide_pruning``, ``_drop_pruned``).
 * **Its own clock.** ``counts["draft_us"]`` is the time spent in ``propose`` (the draft's
   encoder and forward passes), CUDA events on a GPU so the step never waits for it
-  (``timing.py``). With cold requests each call is also a sample of what it ran, from which
-  ``auto_k`` prices the draft's prefill (``take_timed_passes``).
+  (``timing.py``). With ``auto_k`` and cold requests each call is also a sample of what it
+  ran, from which ``auto_k`` prices the draft's prefill (``take_timed_passes``).
 * **k from the scheduler.** The per-step k comes from vLLM's scheduler
   (``num_speculative_tokens_per_batch_size``, or auto_k). At k = 0 vLLM's proposer still runs one
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
@@ -223,11 +223,15 @@ class LVSpecDrafter(DraftModelProposer):
             raise RuntimeError("LVSpec 'draft_cold_requests' needs greedy drafting "
                                "(vLLM's draft_sample_method 'greedy')")
         self._cold_requests = True
-        self.timer.keep_samples = True  # auto_k prices the draft's prefill from them
+
+    def enable_pass_timing(self) -> None:
+        """Keep each timed propose call as a sample (``take_timed_passes``): ``auto_k`` with
+        cold requests prices the draft's prefill from them."""
+        self.timer.keep_samples = True
 
     def take_timed_passes(self) -> list[tuple]:
-        """The propose calls timed since the last take, for ``auto_k``: (k, requests run,
-        prompt tokens, other first-pass tokens, seconds) each; with cold requests only."""
+        """The propose calls timed since the last take: (k, requests run, prompt tokens, other
+        first-pass tokens, seconds) each; empty unless ``enable_pass_timing``."""
         return self.timer.take_samples()
 
     @property

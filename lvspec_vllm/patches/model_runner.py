@@ -70,6 +70,8 @@ class ModelRunnerInitPatch(Patch):
                     "runner feeds its drafts to the next step itself there): start vLLM with "
                     "--no-async-scheduling, or set 'draft_cold_requests': false.")
             self.drafter.enable_cold_requests()
+            if config.auto_k:  # it prices the draft's prefill from the drafter's own clock
+                self.drafter.enable_pass_timing()
         if config.draft_pruning:
             self.drafter.enable_pruning(config.draft_keep_ratio, config.draft_stage1_share,
                                         capture)

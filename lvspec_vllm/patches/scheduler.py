@@ -20,6 +20,7 @@ one JSON line ``[batch, k, prefill tokens, seconds, previous step's k]``
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -55,6 +56,8 @@ class AutoKController:
         self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
         trace = os.environ.get(TRACE_ENV)
         self._trace = open(trace, "a", buffering=1) if trace else None  # a line per step
+        if self._trace is not None:
+            atexit.register(self._trace.close)
         self._apply(scheduler, self.auto.next_table())
         logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d",
                     k_max, self.max_batch)
