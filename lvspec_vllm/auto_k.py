@@ -33,6 +33,17 @@ over every batch size (this module's first form, T = a + b N + p(k) (c + d B)) d
 real engine: on a 2-core CPU the many samples of large batches set its fixed part and its draft
 cost at one request, and it chose k = 4 for one request where k = 1 was faster.
 
+With cold requests (``draft_cold_requests``) a step at k > 0 may hold decode rows that do not
+draft. Such a step is a sample all the same, or k = 0, once chosen, would never be measured
+against again: every request admitted at k = 0 is cold, so a later step at k > 0 would mix
+cold and warm rows for as long as the load lasts. A step at k where a share s of the decode
+rows drafted (and verified k) is taken to cost (1 - s) T_B(0) + s T_B(k); at s = 0 it is the
+k = 0 step it is. The draft's passes have a fixed part that the warm rows alone pay, so a
+mixed step costs more than that line and the fitted T_B(k) leans high: drafting is measured
+as dearer than it is until most rows draft, never cheaper. And a few requests admitted at
+k = 0 stay warm (``drafter/cold.py``), so that there are rows to draft with when the
+explorations try k > 0.
+
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
 """
@@ -162,9 +173,11 @@ class AcceptanceProfile:
 class StepCostModel:
     """``StepTimes`` fitted to measured (batch, k, prefill tokens, seconds) by local regression
     in the batch size (see the module docstring). Samples are kept per grid point, the latest
-    ``window`` of each, so a batch size the load left long ago keeps what was measured there."""
+    ``window`` of each k at each, so a batch size the load left long ago keeps what was
+    measured there, and a k the engine runs rarely (an exploration's) keeps its samples until
+    they age out instead of being crowded out by the k it runs."""
 
-    def __init__(self, k_max: int, max_batch: int, window: int = 256, min_samples: int = 24,
+    def __init__(self, k_max: int, max_batch: int, window: int = 64, min_samples: int = 24,
                  width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
                  split_prefill: bool = False, guess: bool = True):
         self.k_max = k_max
@@ -178,9 +191,10 @@ class StepCostModel:
         self.min_weight = min_weight
         points = np.round(2.0 ** np.arange(0, np.log2(max(max_batch, 1)) + 0.5, 0.5))
         self.grid = np.unique(np.clip(points, 1, max(max_batch, 1)))
-        # per grid point a ring of (batch, k, prefill tokens, seconds, sample number) rows
-        self._rows = np.zeros((len(self.grid), window, 5))
-        self._added = np.zeros(len(self.grid), dtype=int)
+        # per grid point and k a ring of (batch, k, prefill tokens, seconds, sample number,
+        # share) rows
+        self._rows = np.zeros((len(self.grid), k_max + 1, window, 6))
+        self._added = np.zeros((len(self.grid), k_max + 1), dtype=int)
         self._count = 0
         # older samples weigh less (halved every half_life samples): the engine's speed drifts,
         # and a k measured once in a slow moment must not speak for it for ever
@@ -195,41 +209,52 @@ class StepCostModel:
         self._dirty = np.zeros(n, dtype=bool)
 
     def _bucket(self, g: int) -> np.ndarray:
-        return self._rows[g, :min(self._added[g], self._rows.shape[1])]
+        kept = np.arange(self._rows.shape[2]) < self._added[g][:, None]
+        return self._rows[g][kept]
 
     @property
     def samples(self) -> list[tuple]:
-        """(batch, k, prefill tokens, seconds) of the kept samples, by grid point."""
-        return [tuple(r[:4]) for g in range(len(self.grid)) for r in self._bucket(g)]
+        """(batch, k, prefill tokens, seconds, share) of the kept samples, oldest first."""
+        rows = [r for g in range(len(self.grid)) for r in self._bucket(g)]
+        return [tuple(r[[0, 1, 2, 3, 5]]) for r in sorted(rows, key=lambda r: r[4])]
 
-    def add(self, batch: int, k: int, seconds: float, prefill: int = 0) -> None:
-        """One step: running requests, k drafted, prefill tokens computed, wall seconds."""
+    def add(self, batch: int, k: int, seconds: float, prefill: int = 0,
+            share: float = 1.0) -> None:
+        """One step: running requests, k drafted, prefill tokens computed, wall seconds, and
+        the share of its decode rows that drafted (cold requests do not: see the module
+        docstring; a step at k > 0 with share 0 is a k = 0 step)."""
         g = int(np.abs(np.log2(max(batch, 1)) - np.log2(self.grid)).argmin())
-        self._rows[g, self._added[g] % self._rows.shape[1]] = (batch, k, prefill, seconds,
-                                                               self._count)
-        self._added[g] += 1
+        k = min(k, self.k_max)
+        self._rows[g, k, self._added[g, k] % self._rows.shape[2]] = (batch, k, prefill, seconds,
+                                                                     self._count, share)
+        self._added[g, k] += 1
         self._count += 1
         self._dirty[g] = True
 
     def fit(self) -> StepTimes | None:
         """None until some batch size has samples at two or more k."""
-        if np.minimum(self._added, self._rows.shape[1]).sum() < self.min_samples:
+        if np.minimum(self._added, self._rows.shape[2]).sum() < self.min_samples:
             return None
         ks = np.arange(self.k_max + 1)
         # a grid point's fit reads only the buckets within reach, its sample ages included:
         # refit the points near a bucket that changed, keep the others' (the engine's batch
-        # size moves slowly, and the fit runs in the engine's step loop: 2.5 ms for all 13
-        # points of 64 requests on the 2-core CPU)
+        # size moves slowly, and the fit runs in the engine's step loop)
         times, draft_prefill, measured = self._fits
         stale = np.zeros(len(self.grid), dtype=bool)
         for i in np.flatnonzero(self._dirty):
             stale[max(0, i - self._reach):i + self._reach + 1] = True
         self._dirty[:] = False
+        buckets = {}  # read once per fit
+        for i in np.flatnonzero(stale):
+            for j in range(max(0, i - self._reach), min(len(self.grid), i + self._reach + 1)):
+                if j not in buckets:
+                    buckets[j] = self._bucket(j)
         for g in np.flatnonzero(stale):
             b0 = self.grid[g]
             times[g], draft_prefill[g], measured[g] = np.nan, 0.0, False
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
-            batch, k, prefill, t, number = np.concatenate([self._bucket(i) for i in near]).T
+            batch, k, prefill, t, number, share = np.concatenate(
+                [buckets[i] for i in near]).T
             k = k.astype(int)
             if not len(batch):
                 continue
@@ -237,7 +262,12 @@ class StepCostModel:
             # keeps its weight until newer samples arrive
             w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2) \
                 * 0.5 ** ((number.max() - number) / self.half_life)
-            seen = np.bincount(k, weights=w, minlength=len(ks)) >= self.min_weight
+            # a step at k where a share s of the decode rows drafted is taken to cost
+            # (1 - s) T(0) + s T(k): its weight is split between the two levels
+            ws = w * share
+            seen = (np.bincount(k, weights=ws, minlength=len(ks))
+                    + np.bincount(np.zeros_like(k), weights=w - ws, minlength=len(ks))) \
+                >= self.min_weight
             measured[g] = seen
             if seen.sum() < 2:
                 continue
@@ -248,21 +278,12 @@ class StepCostModel:
             # them 0) and the fit is that batch size's levels.
             centre = float((w * batch).sum() / w.sum())
             delta = batch - centre
-            columns = [delta, delta * k]
+            columns = [delta, delta * k * share]
             columns += [prefill * (k == 0), prefill * (k > 0)] if self.split_prefill \
                 else [prefill]
-            # the normal equations (a 13 x 13 solve for k <= 8), the level columns' blocks by
-            # bincount (the design is one-hot in k); the pseudo-inverse keeps the minimum-norm
-            # solution where columns are absent
-            cols = np.stack(columns)
-            wcols = cols * w
-            n = len(ks)
-            xtx = np.zeros((n + len(cols), n + len(cols)))
-            xtx[ks, ks] = np.bincount(k, w, minlength=n)
-            xtx[:n, n:] = np.stack([np.bincount(k, c, minlength=n) for c in wcols], axis=1)
-            xtx[n:, :n] = xtx[:n, n:].T
-            xtx[n:, n:] = wcols @ cols.T
-            xty = np.concatenate([np.bincount(k, w * t, minlength=n), wcols @ t])
+            # the weighted normal equations (a 13 x 13 solve for k <= 8); the pseudo-inverse
+            # keeps the minimum-norm solution where columns are absent
+            xtx, xty = _normal_equations(k, share, np.stack(columns), w, t, len(ks))
             coef = np.linalg.pinv(xtx, hermitian=True) @ xty
             slope, slope_k = coef[len(ks)], coef[len(ks) + 1]
             level = coef[:len(ks)] + (slope + slope_k * ks) * (b0 - centre)
@@ -306,7 +327,8 @@ class DraftPassCost:
         self._xtx = np.zeros((n, n))
         self._xty = np.zeros(n)
         self._k_weight = np.zeros(k_max + 1)  # decayed count of calls without prompt tokens
-        self._prompted: deque[tuple[np.ndarray, int, float]] = deque(maxlen=window)
+        # calls with prompt tokens: (k, row, prompt tokens, seconds)
+        self._prompted: deque[tuple[int, np.ndarray, int, float]] = deque(maxlen=window)
         self.decay = decay
         self.min_weight = min_weight
         self.count = 0
@@ -320,25 +342,23 @@ class DraftPassCost:
     def add(self, k: int, rows: int, prompt: int, other: int, seconds: float) -> None:
         x = self._row(k, rows, other)
         self.count += 1
+        k = min(k, self.k_max)
         if prompt > 0:
-            self._prompted.append((x, prompt, seconds))
+            self._prompted.append((k, x, prompt, seconds))
             return
         self._xtx = self._xtx * self.decay + np.outer(x, x)
         self._xty = self._xty * self.decay + x * seconds
         self._k_weight *= self.decay
-        self._k_weight[min(k, self.k_max)] += 1.0
+        self._k_weight[k] += 1.0
 
-    def _priced(self) -> list[tuple[np.ndarray, int, float]]:
+    def _priced(self) -> list[tuple[int, np.ndarray, int, float]]:
         # calls with prompt tokens at a k whose level was measured without them
-        return [c for c in self._prompted
-                if self._k_weight[int(np.argmax(c[0][:self.k_max + 1]))] >= self.min_weight]
+        return [c for c in self._prompted if self._k_weight[c[0]] >= self.min_weight]
 
     @property
     def ready(self) -> bool:
         """A call with prompt tokens was timed at a k measured without them too."""
-        w = self._k_weight
-        return any(w[int(np.argmax(x[:self.k_max + 1]))] >= self.min_weight
-                   for x, _, _ in self._prompted)
+        return bool(self._priced())
 
     def price(self) -> float | None:
         """Seconds per prompt token, or None until ``ready``."""
@@ -347,7 +367,45 @@ class DraftPassCost:
             return None
         # rcond: with one request per call the request column is the level columns' sum
         coef = np.linalg.pinv(self._xtx, rcond=1e-10, hermitian=True) @ self._xty
-        return max(float(np.median([(t - x @ coef) / n for x, n, t in calls])), 0.0)
+        return max(float(np.median([(t - x @ coef) / n for _, x, n, t in calls])), 0.0)
+
+
+def _normal_equations(k, share, cols, w, t, n):
+    """X'WX and X'Wt for levels ``a`` at k = 0 and ``b`` at k (a + b = 1; a step at k = 0 is
+    all level 0), then ``cols``; by bincount, as the level part of X has two entries a row."""
+    b = np.where(k == 0, 0.0, share)
+    a = 1.0 - b
+    m = len(cols)
+    xtx = np.zeros((n + m, n + m))
+    xtx[0, 0] = (w * a * a).sum()
+    xtx[range(1, n), range(1, n)] = np.bincount(k, w * b * b, minlength=n)[1:]
+    xtx[0, 1:n] = xtx[1:n, 0] = np.bincount(k, w * a * b, minlength=n)[1:]
+    wcols = cols * w
+    xtx[0, n:] = wcols @ a
+    xtx[1:n, n:] = np.stack([np.bincount(k, c * b, minlength=n)[1:] for c in wcols], axis=1)
+    xtx[n:, :n] = xtx[:n, n:].T
+    xtx[n:, n:] = wcols @ cols.T
+    xty = np.concatenate([[(w * a * t).sum()], np.bincount(k, w * b * t, minlength=n)[1:],
+                          wcols @ t])
+    return xtx, xty
+
+
+def decode_share(k: int, previous_k: int, drafts: list[int], cold: bool) -> float | None:
+    """What a step at k is a sample of, from the drafts each decode row verified: the share of
+    its decode rows that drafted (1: a whole step at k), or None if it is no sample of any k.
+
+    A step verifies the previous step's drafts and drafts its own, so only a step that keeps
+    the previous step's k costs what a step at k costs (the first step after a k = 0 one also
+    catches the draft up). With cold requests (``cold``) a decode row with no drafts after a
+    step at the same k is cold: it neither verifies nor drafts. A row whose drafts were cut
+    short (fewer than k, but some) makes the step no sample."""
+    if k != previous_k:
+        return None
+    if not k or all(n == k for n in drafts):
+        return 1.0
+    if cold and all(n in (0, k) for n in drafts):
+        return sum(n == k for n in drafts) / len(drafts)
+    return None
 
 
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -390,8 +448,8 @@ class AutoK:
         # token (decayed sums) times what a prompt token costs the draft (its own clock,
         # DraftPassCost; until it has one, what the fit says a prefill token costs more at
         # k > 0, which needs prefill steps that follow a busy engine at both k).
-        # And a step at k > 0 whose batch mixes cold and warm requests is no sample, so a k > 0
-        # guessed at a batch size would run there unmeasured: nothing measured, no drafting.
+        # And at a batch size new to the load most rows are cold, so a k > 0 guessed there
+        # would be measured at a small share only: nothing measured, no drafting.
         self.costs = StepCostModel(k_max, max_batch, split_prefill=price_admission,
                                    guess=not price_admission)
         # the draft's prefill timed by the drafter itself, where it reports its passes
@@ -409,11 +467,13 @@ class AutoK:
         self.last_k: int | None = None
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
-                drafted: list[int], accepted: list[int], emitted: int = 0) -> None:
+                drafted: list[int], accepted: list[int], emitted: int = 0,
+                share: float = 1.0) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
-        not a sample), per request drafts verified and accepted, output tokens emitted."""
+        not a sample), per request drafts verified and accepted, output tokens emitted, and
+        the share of its decode rows that drafted (below 1 only with cold requests)."""
         if seconds is not None and k == self.last_k:
-            self.costs.add(batch, k, seconds, prefill)
+            self.costs.add(batch, k, seconds, prefill, share)
         self._tokens = self._tokens * self._decay + (prefill, emitted)
         self.last_k = k
         if drafted:

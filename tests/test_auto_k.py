@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lvspec_vllm.auto_k import (AcceptanceProfile, AutoK, Costs, DraftPassCost, StepCostModel,
-                                StepTimes, choose_k, expected_tokens, goodput_table)
+                                StepTimes, choose_k, decode_share, expected_tokens,
+                                goodput_table)
 
 
 def test_expected_tokens():
@@ -199,7 +200,7 @@ def test_only_steps_that_keep_the_previous_k_are_samples():
     for k, seconds in ((2, 0.02), (2, 0.021), (0, 0.03), (0, 0.01), (0, 0.011), (1, 0.09),
                        (1, 0.02), (0, 0.01)):
         auto.observe(4, k, 0, seconds, [], [])
-    assert [(k, t) for _, k, _, t in auto.costs.samples] == [
+    assert [(k, t) for _, k, _, t, _ in auto.costs.samples] == [
         (2, 0.021), (0, 0.01), (0, 0.011), (1, 0.02)]
 
 
@@ -380,6 +381,54 @@ def test_a_step_whose_decode_rows_lack_drafts_is_no_sample():
     assert len(ctl.auto.costs.samples) == 2
     step(4, {"a": [5] * 4, "b": [6] * 4})
     assert len(ctl.auto.costs.samples) == 3
+    # with cold requests such a step is a sample of the share of its rows that drafted
+    ctl = AutoKController(scheduler, 4, price_admission=True)
+    for _ in range(2):
+        step(4, {"a": [5] * 4, "b": [6] * 4})
+    step(4, {"a": [5] * 4, "cold": []})
+    step(4, {"cold": [], "cold2": []})
+    step(0, {"cold": [], "cold2": []})   # a switch: no sample
+    step(4, {"a": [], "cold": []})       # after k = 0 a warm row holds no drafts either
+    assert [s[-1] for s in ctl.auto.costs.samples] == [1.0, 0.5, 0.0]
+
+
+def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
+    # With cold requests a step at k = 4 where half the decode rows draft costs half way from
+    # k = 0 to k = 4. k = 4 is never measured whole, and is recovered from such steps.
+    true = {0: 0.010, 4: 0.018}
+    model = StepCostModel(4, 8, min_samples=8, split_prefill=True)
+    for share in (0.25, 0.5, 0.75) * 6:
+        model.add(8, 0, true[0])
+        model.add(8, 4, (1 - share) * true[0] + share * true[4], 0, share)
+    fitted = model.fit()
+    assert fitted.measured[fitted.index(8)].tolist() == [True, False, False, False, True]
+    assert fitted.step_time(8, 4) == pytest.approx(true[4])
+    # a step at k = 4 in which no decode row drafted is a k = 0 step: k = 4 stays unmeasured
+    model = StepCostModel(4, 8, min_samples=8, split_prefill=True)
+    for _ in range(12):
+        model.add(8, 0, true[0])
+        model.add(8, 4, 0.011, 0, 0.0)
+    fitted = model.fit()
+    assert fitted is None or not fitted.measured[:, 1:].any()
+    for _ in range(3):  # one k more: the k = 0 level is both kinds of step's
+        model.add(8, 1, 0.012)
+    fitted = model.fit()
+    assert fitted.step_time(8, 0) == pytest.approx(0.0105, rel=1e-3)  # ages weigh a little
+
+
+@pytest.mark.parametrize("k,previous,drafts,cold,want", [
+    (4, 4, [4, 4, 4], False, 1.0),
+    (0, 0, [0, 0], True, 1.0),
+    (4, 0, [0, 0], True, None),        # after a k = 0 step: it also catches the draft up
+    (4, 4, [4, 0, 0, 4], False, None),  # without cold requests a row without drafts: no sample
+    (4, 4, [4, 0, 0, 4], True, 0.5),
+    (4, 4, [0, 0], True, 0.0),         # every row cold: the k = 0 step it is
+    (4, 4, [4, 2, 0], True, None),     # drafts cut short
+    (2, 4, [4, 4], True, None),
+    (4, 4, [], True, 1.0),              # prefill only
+])
+def test_decode_share(k, previous, drafts, cold, want):
+    assert decode_share(k, previous, drafts, cold) == want
 
 
 def test_no_k_above_the_largest_measured_where_k0_was_measured():
@@ -599,3 +648,81 @@ def test_refitting_only_the_points_near_new_samples_equals_a_whole_fit():
     assert np.array_equal(fitted.times, want.times)
     assert np.array_equal(fitted.draft_prefill, want.draft_prefill)
     assert np.array_equal(fitted.measured, want.measured)
+
+
+def _cold_engine(auto, warm_every, steps=4000, concurrency=4, output=40, alpha=0.8,
+                 slow_until=200, seed=9):
+    """``concurrency`` requests of ``output`` tokens, each replaced when done, on an engine
+    where drafting pays (k = 4 doubles goodput), except for a slow moment during calibration
+    (k > 0 steps then take 3x). Cold requests as the drafter keeps them (``ColdRequests``):
+    admitted at k = 0, a request never drafts, unless kept warm. A step at k costs the
+    target's verify of every row it checks plus k draft passes over the warm rows, which the
+    controller sees as vLLM shows it. Returns per step (k, share of decode rows that drafted,
+    the k chosen for ``concurrency`` requests)."""
+    from lvspec_vllm.drafter.cold import ColdRequests
+    from lvspec_vllm.drafter.lag import Row
+
+    rng = random.Random(seed)
+    cold = ColdRequests(block_size=16, warm_every=warm_every)
+    live = {}  # id -> [tokens left, drafts held]
+    serial, previous, seen = 0, None, []
+    for step in range(steps):
+        while len(live) < concurrency:
+            live[f"r{serial}"] = [output, None]  # None: its prefill runs this step
+            serial += 1
+        batch = len(live)
+        k = auto.next_table()[batch]
+        ids = list(live)
+        is_cold = cold.step([Row(r, 0, 1, live[r][1] is not None) for r in ids], k,
+                            lambda i, n: [])
+        decode = [r for r in ids if live[r][1] is not None]
+        held = [live[r][1] for r in decode]
+        accepted = []
+        for n in held:
+            m = 0
+            while m < n and rng.random() < alpha:
+                m += 1
+            accepted.append(m)
+        warm = [r for r, c in zip(ids, is_cold) if not c]
+        t = 0.010 + 1e-4 * (batch + sum(held)) + (k * (1e-3 + 1e-4 * len(warm)) if warm else 0)
+        if step < slow_until and k and warm:
+            t *= 3
+        share = decode_share(k, previous, held, cold=True)
+        auto.observe(batch, k, 0, None if share is None else t * rng.uniform(0.98, 1.02),
+                     [n for n in held if n], [m for n, m in zip(held, accepted) if n],
+                     sum(1 + m for m in accepted), 1.0 if share is None else share)
+        seen.append((k, share, auto.table[concurrency]))
+        for r, m in zip(decode, accepted):
+            live[r][0] -= 1 + m
+        for r, c in zip(ids, is_cold):
+            live[r][1] = 0 if c else k
+            if live[r][0] <= 0:
+                del live[r]
+        cold.forget(live)
+        previous = k
+    return seen
+
+
+def test_with_cold_requests_a_transient_k0_is_left_where_drafting_pays():
+    # Calibration measures k > 0 in a slow moment and settles at k = 0. Every request admitted
+    # then is cold, but one in eight stays warm and the partly cold steps are samples: as the
+    # slow moment ages out the explorations find that drafting pays, and k climbs back.
+    auto = AutoK(k_max=4, max_batch=4, price_admission=True)
+    seen = _cold_engine(auto, warm_every=8)
+    chosen = [c for _, _, c in seen]
+    assert all(c == 0 for c in chosen[200:1000])  # the transient
+    late = seen[-500:]
+    assert sum(k for k, _, _ in late) / len(late) >= 3
+    shares = [s for _, s, _ in late if s is not None]
+    assert sum(shares) / len(shares) > 0.8  # most rows draft again
+    assert auto.table[4] >= 3
+    # without the warm few every request admitted at k = 0 is cold (but those that arrive in
+    # an exploration's steps), and k = 0 stays
+    auto = AutoK(k_max=4, max_batch=4, price_admission=True)
+    seen = _cold_engine(auto, warm_every=0)
+    assert all(c == 0 for _, _, c in seen[200:])
+    # Where drafting cannot pay it stays at k = 0, the warm few costing their drafts' prefill
+    auto = AutoK(k_max=4, max_batch=4, price_admission=True)
+    seen = _cold_engine(auto, warm_every=8, alpha=0.02, steps=2000)
+    assert auto.table[4] == 0
+    assert sum(k > 0 for k, _, _ in seen[-500:]) <= 500 // 8  # explorations only

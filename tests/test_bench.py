@@ -173,10 +173,11 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
             [4, 0, 0, 0.010, 2],       # a switch: left out
             [4, 0, 0, 0.003, 0],
             [5, 0, 38, 0.012, 0],      # a prefill chunk rode along
-            [5, 0, 0, None, 0]]        # no time (the engine was idle before it)
+            [5, 0, 0, None, 0],        # no time (the engine was idle before it)
+            [4, 2, 0, 0.004, 2, 0.5]]  # half its rows cold: not a whole step at k = 2
     s = summarise(rows)
-    assert s["steps"] == 6 and s["prefill_steps"] == 1
-    assert s["prefill_share"] == pytest.approx(0.012 / 0.045)
+    assert s["steps"] == 7 and s["prefill_steps"] == 1
+    assert s["prefill_share"] == pytest.approx(0.012 / 0.049)
     assert s["decode_ms"] == {"4,0": (1, pytest.approx(3.0)), "4,2": (2, pytest.approx(7.0))}
 
 

@@ -1,8 +1,8 @@
 """What auto_k saw, per step: ``python -m lvspec_vllm.bench.auto_k_trace TRACE``.
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
-JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k]``. Printed:
-the share of wall time in steps that computed prefill chunks, and per batch size and k the
+JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
+decode rows that drafted]``. Printed: the share of wall time in steps that computed prefill chunks, and per batch size and k the
 median time of the steps auto_k fits (decode only, k kept from the step before), beside the
 steps it leaves out.
 """
@@ -20,8 +20,9 @@ def summarise(lines: list[list]) -> dict:
     total = sum(row[3] for row in steps)
     prefill = [row for row in steps if row[2] > 0]
     decode = defaultdict(list)
-    for batch, k, p, seconds, previous in steps:
-        if p == 0 and k == previous:
+    for batch, k, p, seconds, previous, *share in steps:
+        # the medians are of whole steps at k: a partly cold one is not (older traces: 5)
+        if p == 0 and k == previous and (share or [1.0])[0] == 1.0:
             decode[(batch, k)].append(seconds)
     return {
         "steps": len(steps), "seconds": total,

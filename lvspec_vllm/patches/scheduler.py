@@ -13,8 +13,9 @@ The chosen k per step is counted on ``/metrics`` (``lvspec:auto_k_steps_total{k}
 model's inputs (alpha, the fitted step times at the current batch size, the draft's price of a
 prompt token) are logged every 10 s. With cold requests the drafter's timed passes arrive on
 the step's output (``runner_output.py``) and are fed to the controller here too.
-With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to that file as
-one JSON line ``[batch, k, prefill tokens, seconds, previous step's k]``
+With cold requests a step at k > 0 whose decode rows are partly cold is a sample of the share
+that drafted. With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to
+that file as one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share]``
 (``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises it).
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from lvspec_vllm import metrics
 from lvspec_vllm._logging import get_logger
-from lvspec_vllm.auto_k import AutoK
+from lvspec_vllm.auto_k import AutoK, decode_share
 from lvspec_vllm.config import LVSpecConfig
 from lvspec_vllm.patches import Patch
 from lvspec_vllm.patches.runner_output import draft_passes
@@ -47,6 +48,7 @@ class AutoKController:
     def __init__(self, scheduler, k_max: int, price_admission: bool = False):
         self.max_batch = scheduler.scheduler_config.max_num_seqs
         self.auto = AutoK(k_max, self.max_batch, price_admission=price_admission)
+        self.cold = price_admission  # draft_cold_requests: some decode rows never draft
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -87,15 +89,17 @@ class AutoKController:
                        if n == 1 + len(spec.get(req_id, ()))]
         prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
             - len(decode_rows)
-        if k and any(n != k for n in decode_rows):
-            # decode rows without k drafts (cold requests, draft_cold_requests; or the step
-            # after a k = 0 step): this step did not cost what a step at k costs
+        # the share of the decode rows that drafted (cold requests do not); None: no sample
+        share = decode_share(k, self.last_k, decode_rows, self.cold)
+        if share is None:
             seconds = None
         if self._trace is not None:
-            self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k]) + "\n")
+            self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
+                                          share]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
         self.auto.observe_draft(draft_passes(model_runner_output))
-        self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted)
+        self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
+                          1.0 if share is None else share)
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
@@ -115,21 +119,26 @@ class AutoKController:
 
     def _report(self, batch: int, publish: bool) -> None:
         now = time.monotonic()
-        publish = publish or now - self._last_publish >= metrics.PUBLISH_INTERVAL_S
-        if self._path is not None and publish:
+        publish = self._path is not None and (
+            publish or now - self._last_publish >= metrics.PUBLISH_INTERVAL_S)
+        log = now - self._last_log >= _LOG_INTERVAL_S
+        if not (publish or log):
+            return
+        price = self.auto.draft_cost.price()  # a small solve: once, and only when reported
+        if publish:
             self._last_publish = now
             snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
             snap["auto_k_last"] = self.last_k
             if self.auto.draft_cost.count:
                 snap["auto_k_draft_passes"] = self.auto.draft_cost.count
-                snap["auto_k_draft_prompt_token_seconds"] = self.auto.draft_cost.price() or 0.0
+                snap["auto_k_draft_prompt_token_seconds"] = price or 0.0
             tmp = self._path.with_suffix(".tmp")
             try:
                 tmp.write_text(json.dumps(snap))
                 tmp.replace(self._path)
             except OSError:
                 self._path = None
-        if now - self._last_log >= _LOG_INTERVAL_S:
+        if log:
             self._last_log = now
             fitted = self.auto.fitted
             costs = "uncalibrated" if fitted is None else [
@@ -138,7 +147,6 @@ class AutoKController:
             measured = "n/a" if fitted is None or fitted.measured is None else \
                 np.flatnonzero(fitted.measured[fitted.index(batch)]).tolist()
             admission = self.auto.admission
-            price = self.auto.draft_cost.price()
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
                 "(measured near it: k %s); draft prefill per output token when drafting, "
