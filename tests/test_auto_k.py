@@ -8,6 +8,7 @@ import pytest
 from lvspec_vllm.auto_k import (AcceptanceProfile, AutoK, Costs, DraftPassCost, StepCostModel,
                                 StepTimes, choose_k, decode_share, expected_tokens,
                                 goodput_table)
+from lvspec_vllm.testing import cold_engine
 
 
 def test_expected_tokens():
@@ -650,79 +651,32 @@ def test_refitting_only_the_points_near_new_samples_equals_a_whole_fit():
     assert np.array_equal(fitted.measured, want.measured)
 
 
-def _cold_engine(auto, warm_every, steps=4000, concurrency=4, output=40, alpha=0.8,
-                 slow_until=200, seed=9):
-    """``concurrency`` requests of ``output`` tokens, each replaced when done, on an engine
-    where drafting pays (k = 4 doubles goodput), except for a slow moment during calibration
-    (k > 0 steps then take 3x). Cold requests as the drafter keeps them (``ColdRequests``):
-    admitted at k = 0, a request never drafts, unless kept warm. A step at k costs the
-    target's verify of every row it checks plus k draft passes over the warm rows, which the
-    controller sees as vLLM shows it. Returns per step (k, share of decode rows that drafted,
-    the k chosen for ``concurrency`` requests)."""
-    from lvspec_vllm.drafter.cold import ColdRequests
-    from lvspec_vllm.drafter.lag import Row
-
-    rng = random.Random(seed)
-    cold = ColdRequests(block_size=16, warm_every=warm_every)
-    live = {}  # id -> [tokens left, drafts held]
-    serial, previous, seen = 0, None, []
-    for step in range(steps):
-        while len(live) < concurrency:
-            live[f"r{serial}"] = [output, None]  # None: its prefill runs this step
-            serial += 1
-        batch = len(live)
-        k = auto.next_table()[batch]
-        ids = list(live)
-        is_cold = cold.step([Row(r, 0, 1, live[r][1] is not None) for r in ids], k,
-                            lambda i, n: [])
-        decode = [r for r in ids if live[r][1] is not None]
-        held = [live[r][1] for r in decode]
-        accepted = []
-        for n in held:
-            m = 0
-            while m < n and rng.random() < alpha:
-                m += 1
-            accepted.append(m)
-        warm = [r for r, c in zip(ids, is_cold) if not c]
-        t = 0.010 + 1e-4 * (batch + sum(held)) + (k * (1e-3 + 1e-4 * len(warm)) if warm else 0)
-        if step < slow_until and k and warm:
-            t *= 3
-        share = decode_share(k, previous, held, cold=True)
-        auto.observe(batch, k, 0, None if share is None else t * rng.uniform(0.98, 1.02),
-                     [n for n in held if n], [m for n, m in zip(held, accepted) if n],
-                     sum(1 + m for m in accepted), 1.0 if share is None else share)
-        seen.append((k, share, auto.table[concurrency]))
-        for r, m in zip(decode, accepted):
-            live[r][0] -= 1 + m
-        for r, c in zip(ids, is_cold):
-            live[r][1] = 0 if c else k
-            if live[r][0] <= 0:
-                del live[r]
-        cold.forget(live)
-        previous = k
-    return seen
-
-
 def test_with_cold_requests_a_transient_k0_is_left_where_drafting_pays():
     # Calibration measures k > 0 in a slow moment and settles at k = 0. Every request admitted
     # then is cold, but one in eight stays warm and the partly cold steps are samples: as the
     # slow moment ages out the explorations find that drafting pays, and k climbs back.
     auto = AutoK(k_max=4, max_batch=4, price_admission=True)
-    seen = _cold_engine(auto, warm_every=8)
+    seen = cold_engine.run(auto, warm_every=8)
     chosen = [c for _, _, c in seen]
     assert all(c == 0 for c in chosen[200:1000])  # the transient
     late = seen[-500:]
     assert sum(k for k, _, _ in late) / len(late) >= 3
-    shares = [s for _, s, _ in late if s is not None]
+    shares = [s for k, s, _ in late if s is not None and k]
     assert sum(shares) / len(shares) > 0.8  # most rows draft again
     assert auto.table[4] >= 3
     # without the warm few every request admitted at k = 0 is cold (but those that arrive in
     # an exploration's steps), and k = 0 stays
     auto = AutoK(k_max=4, max_batch=4, price_admission=True)
-    seen = _cold_engine(auto, warm_every=0)
+    seen = cold_engine.run(auto, warm_every=0)
     assert all(c == 0 for _, _, c in seen[200:])
     # Where drafting cannot pay it stays at k = 0, the warm few costing their drafts' prefill
     auto = AutoK(k_max=4, max_batch=4, price_admission=True)
-    seen = _cold_engine(auto, warm_every=8, alpha=0.02, steps=2000)
+    seen = cold_engine.run(auto, warm_every=8, alpha=0.02, steps=2000)
     assert auto.table[4] == 0
     assert sum(k > 0 for k, _, _ in seen[-500:]) <= 500 // 8  # explorations only
+
+
+def test_the_cold_engine_prints_k_per_window(capsys):
+    cold_engine.main(["--steps", "600", "--window", "300"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["steps 0-299", "steps 300-599"]
