@@ -264,10 +264,10 @@ class StepCostModel:
                 * 0.5 ** ((number.max() - number) / self.half_life)
             # a step at k where a share s of the decode rows drafted is taken to cost
             # (1 - s) T(0) + s T(k): its weight is split between the two levels
-            ws = w * share
-            seen = (np.bincount(k, weights=ws, minlength=len(ks))
-                    + np.bincount(np.zeros_like(k), weights=w - ws, minlength=len(ks))) \
-                >= self.min_weight
+            ws = np.where(k == 0, w, w * share)
+            weight = np.bincount(k, ws, minlength=len(ks))
+            weight[0] += (w - ws).sum()
+            seen = weight >= self.min_weight
             measured[g] = seen
             if seen.sum() < 2:
                 continue

@@ -468,8 +468,8 @@ def test_no_k_above_the_largest_measured_where_k0_was_measured():
 
 
 def test_closed_loop_where_drafting_steps_are_never_samples_keeps_k0():
-    # As with draft_cold_requests under load: at 40 requests and more every step at k > 0 mixes
-    # cold and warm requests and is no sample, so only k = 0 is measured there. The levels
+    # Where no step at k > 0 is a sample at 40 requests and more (the engine never times one
+    # there), only k = 0 is measured there. The levels
     # borrowed from smaller batches say k = 1 pays at 64 (it does not: verifying is
     # compute-bound there); the controller must keep the measured baseline.
     true = _Roofline(memory=0.024, row=5e-4, c=3e-3, d=1e-5)

@@ -177,6 +177,7 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
             [4, 2, 0, 0.004, 2, 0.5]]  # half its rows cold: not a whole step at k = 2
     s = summarise(rows)
     assert s["steps"] == 7 and s["prefill_steps"] == 1
+    assert s["k_above_0_samples"] == {"whole": 2, "partly cold": 1, "all cold": 0}
     assert s["prefill_share"] == pytest.approx(0.012 / 0.049)
     assert s["decode_ms"] == {"4,0": (1, pytest.approx(3.0)), "4,2": (2, pytest.approx(7.0))}
 

@@ -128,9 +128,9 @@ def test_a_schedule_that_never_drafts_takes_the_option_without_complaint():
 
     from lvspec_vllm.drafter import LVSpecDrafter
 
-    drafter = SimpleNamespace(never_drafts=True, _catch_up=False, _cold_requests=False)
+    drafter = SimpleNamespace(never_drafts=True, _catch_up=False, _cold_warm_every=None)
     LVSpecDrafter.enable_cold_requests(drafter)
-    assert drafter._cold_requests is False
-    drafter = SimpleNamespace(never_drafts=False, _catch_up=False, _cold_requests=False)
+    assert drafter._cold_warm_every is None
+    drafter = SimpleNamespace(never_drafts=False, _catch_up=False, _cold_warm_every=None)
     with pytest.raises(RuntimeError, match="draft_catch_up"):
         LVSpecDrafter.enable_cold_requests(drafter)

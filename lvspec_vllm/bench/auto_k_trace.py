@@ -2,9 +2,9 @@
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
 JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
-decode rows that drafted]``. Printed: the share of wall time in steps that computed prefill chunks, and per batch size and k the
-median time of the steps auto_k fits (decode only, k kept from the step before), beside the
-steps it leaves out.
+decode rows that drafted]``. Printed: the share of wall time in steps that computed prefill
+chunks, and per batch size and k the median time of the whole decode-only steps auto_k fits
+(k kept from the step before, every decode row drafting), beside the steps it leaves out.
 """
 
 from __future__ import annotations
@@ -20,14 +20,21 @@ def summarise(lines: list[list]) -> dict:
     total = sum(row[3] for row in steps)
     prefill = [row for row in steps if row[2] > 0]
     decode = defaultdict(list)
+    # samples at k > 0 by the share of decode rows that drafted (cold requests)
+    shares = {"whole": 0, "partly cold": 0, "all cold": 0}
     for batch, k, p, seconds, previous, *share in steps:
-        # the medians are of whole steps at k: a partly cold one is not (older traces: 5)
-        if p == 0 and k == previous and (share or [1.0])[0] == 1.0:
+        # older traces have 5 fields: a sample kept the previous k
+        s = share[0] if share else (1.0 if k == previous else None)
+        if k and s is not None:
+            shares["whole" if s == 1.0 else "partly cold" if s > 0 else "all cold"] += 1
+        # the medians are of whole steps at k: a partly cold one is not
+        if p == 0 and k == previous and s == 1.0:
             decode[(batch, k)].append(seconds)
     return {
         "steps": len(steps), "seconds": total,
         "prefill_steps": len(prefill),
         "prefill_share": sum(row[3] for row in prefill) / total if total else 0.0,
+        "k_above_0_samples": shares,
         "decode_ms": {f"{b},{k}": (len(v), 1e3 * statistics.median(v))
                       for (b, k), v in sorted(decode.items())},
     }
@@ -39,6 +46,8 @@ def main(argv=None) -> None:
         s = summarise([json.loads(line) for line in f if line.strip()])
     print(f"{s['steps']} steps, {s['seconds']:.3f} s; {s['prefill_steps']} with prefill chunks: "
           f"{100 * s['prefill_share']:.0f} % of the time")
+    print("samples at k > 0 by the share of decode rows that drafted: "
+          + ", ".join(f"{n} {kind}" for kind, n in s["k_above_0_samples"].items()))
     print("batch, k: decode-only steps that kept the previous k, median ms")
     for key, (n, ms) in s["decode_ms"].items():
         print(f"  {key}: {n} steps, {ms:.2f} ms")

@@ -61,8 +61,8 @@ class LVSpecDrafter(DraftModelProposer):
         self._counts = dict.fromkeys((c for c in DRAFTER_COUNTERS if c not in _DERIVED), 0)
         self._catch_up = False
         self.lag = None  # DraftLag, after enable_catch_up()
-        self._cold_requests = False
-        self._warm_every = 0
+        # draft_cold_requests: None (off), else ColdRequests' warm_every (0: every one cold)
+        self._cold_warm_every: int | None = None
         self.cold = None  # ColdRequests, after enable_cold_requests()
         self._planned = None  # this step's (rows, run, wait), when already planned
         self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
@@ -186,9 +186,10 @@ class LVSpecDrafter(DraftModelProposer):
         if self.lag is None and self._catch_up:  # the block size is known from the first step
             from lvspec_vllm.drafter.lag import DraftLag
             self.lag = DraftLag(self.block_size, self.max_batch_size, self.device)
-            if self._cold_requests:
+            if self._cold_warm_every is not None:
                 from lvspec_vllm.drafter.cold import ColdRequests
-                self.cold = ColdRequests(self._block_table().block_size, self._warm_every)
+                self.cold = ColdRequests(self._block_table().block_size,
+                                         self._cold_warm_every)
         with self.timer:
             if self.lag is None:
                 self._count_pass(num_speculative_tokens, cad.batch_size())
@@ -225,8 +226,7 @@ class LVSpecDrafter(DraftModelProposer):
             # a pass over the warm rows only would misalign the per-request sampling metadata
             raise RuntimeError("LVSpec 'draft_cold_requests' needs greedy drafting "
                                "(vLLM's draft_sample_method 'greedy')")
-        self._cold_requests = True
-        self._warm_every = warm_every
+        self._cold_warm_every = warm_every
 
     def enable_pass_timing(self) -> None:
         """Keep each timed propose call as a sample (``take_timed_passes``): ``auto_k`` with
