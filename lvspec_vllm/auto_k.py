@@ -40,9 +40,11 @@ cold and warm rows for as long as the load lasts. A step at k where a share s of
 rows drafted (and verified k) is taken to cost (1 - s) T_B(0) + s T_B(k); at s = 0 it is the
 k = 0 step it is. The draft's passes have a fixed part that the warm rows alone pay, so a
 mixed step costs more than that line and the fitted T_B(k) leans high: drafting is measured
-as dearer than it is until most rows draft, never cheaper. And a few requests admitted at
-k = 0 stay warm (``drafter/cold.py``), so that there are rows to draft with when the
-explorations try k > 0.
+as dearer than it is until most rows draft, never cheaper. Such a sample tells T_B(k) apart
+only by its share, and at a batch size at k = 0 the share is that of the requests admitted in
+explorations (a request first scheduled at k > 0 is warm, one at k = 0 cold), so there the
+explorations try one more on every turn and hold it ``cold_hold`` steps: a few more samples,
+more warm rows, each costing only its warm rows' drafts.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
@@ -435,6 +437,7 @@ class AutoK:
     """
 
     hold = 4
+    cold_hold = 4  # steps of an exploration from k = 0 with cold requests (see next_table)
     refit_every = 16
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
@@ -442,6 +445,7 @@ class AutoK:
                  decay: float = 0.995):
         self.k_max = k_max
         self.max_batch = max_batch
+        self.price_admission = price_admission
         self.profile = AcceptanceProfile(k_max)
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
@@ -498,13 +502,22 @@ class AutoK:
                 self.admission = self._admission_cost(self.fitted)
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
                                       self.k_max, self.admission)
-        if self.steps % self.explore_every < 2:
-            turn = (self.steps // self.explore_every) % 3
-            if turn == 2:  # no speculation, the baseline every choice is weighed against
-                return [0] * (self.max_batch + 1)
-            nudge = 1 if turn == 0 else -1
-            return [min(self.k_max, max(0, k + nudge)) for k in self.table]
-        return self.table
+        phase = self.steps % self.explore_every
+        cold = self.price_admission
+        if phase >= (self.cold_hold if cold else 2):
+            return self.table
+        # with cold requests a batch size at k = 0 tries one more on every turn, for
+        # ``cold_hold`` steps: only its rows admitted in such steps draft (drafter/cold.py),
+        # so each measures k > 0 at a small share of its rows and costs only that share's drafts
+        up = min(1, self.k_max)
+        if phase >= 2:
+            return [up if k == 0 else k for k in self.table]
+        turn = (self.steps // self.explore_every) % 3
+        if turn == 2:  # no speculation, the baseline every choice is weighed against
+            return [up if k == 0 and cold else 0 for k in self.table]
+        nudge = 1 if turn == 0 else -1
+        return [up if k == 0 and cold else min(self.k_max, max(0, k + nudge))
+                for k in self.table]
 
     def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
         if fitted.draft_prefill is None or self._tokens[1] <= 0:  # not priced, or no output yet

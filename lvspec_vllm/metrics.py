@@ -61,8 +61,6 @@ DRAFT_COUNTERS = {
     "lvspec:draft_caught_up_tokens": "Deferred tokens the draft processed when it next ran.",
     "lvspec:draft_cold_requests": "Requests the draft never ran for (draft_cold_requests): "
                                   "admitted at k = 0, or reusing a cached prefix of one.",
-    "lvspec:draft_kept_warm_requests": "Requests admitted at k = 0 that auto_k kept warm with "
-                                       "draft_cold_requests (one in 8), to measure k > 0 with.",
 }
 
 

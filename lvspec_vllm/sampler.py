@@ -304,8 +304,7 @@ class LVSpecRejectionSampler(RejectionSampler):
                 "draft_skipped_steps": drafted.get("skipped_passes", 0),
                 "draft_deferred_tokens": drafted.get("deferred_tokens", 0),
                 "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0),
-                "draft_cold_requests": drafted.get("cold_requests", 0),
-                "draft_kept_warm_requests": drafted.get("kept_warm_requests", 0)}
+                "draft_cold_requests": drafted.get("cold_requests", 0)}
 
     def snapshot(self) -> dict[str, int]:
         return {**dict(zip(COUNTERS, self.counts.tolist())), **self.identification}

@@ -34,15 +34,7 @@ def test_a_request_admitted_at_k0_stays_cold_and_one_admitted_at_k4_stays_warm()
         for k in (0, 4):
             assert _step(c, [_row("a", first), _row("b", first - 1)], k, t) == [True, False]
     assert c.cold == {"a"}
-    assert c.counts == {"cold_requests": 1, "cold_prefix_hits": 0, "kept_warm_requests": 0}
-
-
-def test_with_warm_every_one_request_in_so_many_admitted_at_k0_stays_warm():
-    c, t = ColdRequests(BS, warm_every=3), _Tables(**{f"r{i}": [i] for i in range(8)})
-    got = [_step(c, [_row(f"r{i}", 0, 2, False)], 0, t)[0] for i in range(7)]
-    assert got == [True, True, False, True, True, False, True]
-    assert _step(c, [_row("r7", 0, 2, False)], 4, t) == [False]  # admitted at k > 0: no turn
-    assert c.counts["kept_warm_requests"] == 2 and c.counts["cold_requests"] == 5
+    assert c.counts == {"cold_requests": 1, "cold_prefix_hits": 0}
 
 
 def test_the_blocks_a_cold_request_computes_are_marked():
@@ -128,9 +120,9 @@ def test_a_schedule_that_never_drafts_takes_the_option_without_complaint():
 
     from lvspec_vllm.drafter import LVSpecDrafter
 
-    drafter = SimpleNamespace(never_drafts=True, _catch_up=False, _cold_warm_every=None)
+    drafter = SimpleNamespace(never_drafts=True, _catch_up=False, _cold=False)
     LVSpecDrafter.enable_cold_requests(drafter)
-    assert drafter._cold_warm_every is None
-    drafter = SimpleNamespace(never_drafts=False, _catch_up=False, _cold_warm_every=None)
+    assert not drafter._cold
+    drafter = SimpleNamespace(never_drafts=False, _catch_up=False, _cold=False)
     with pytest.raises(RuntimeError, match="draft_catch_up"):
         LVSpecDrafter.enable_cold_requests(drafter)

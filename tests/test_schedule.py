@@ -138,6 +138,4 @@ def test_auto_k_with_cold_requests_times_the_drafts_passes(base, tmp_path):
     print(core, w)
     assert 0 < core["auto_k_draft_passes"] <= w["drafter_propose_calls"]
     assert core["auto_k_draft_prompt_token_seconds"] > 0
-    # one request in 8 admitted at k = 0 stays warm (drafter/cold.py), the rest are cold
-    kept, cold = w["drafter_kept_warm_requests"], w["drafter_cold_requests"]
-    assert kept == (cold - w["drafter_cold_prefix_hits"] + kept) // 8
+    assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0

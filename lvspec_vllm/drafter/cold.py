@@ -13,9 +13,10 @@ they are cached, and a later request that reuses one would find no draft KV ther
 cold request computed are therefore marked, and a request whose reused prefix holds a marked
 block is cold as well. A block is unmarked when a request that runs the draft computes it again.
 
-With ``auto_k`` one request in ``warm_every`` admitted at k = 0 stays warm all the same: when
-the controller has chosen k = 0, the explorations that try k > 0 need rows that draft, or
-every request would be cold and k > 0 never measured again (``lvspec_vllm/auto_k.py``).
+With ``auto_k``, once k = 0 is chosen its explorations need rows that draft, or k > 0 would
+never be measured again. They make their own: at a batch size at k = 0 they run k = 1 for four
+steps in sixteen, and a request first scheduled in one of those steps is warm
+(``lvspec_vllm/auto_k.py``).
 
 Plain Python over host block ids, so the rules are tested without an engine
 (``tests/test_cold.py``); ``proposer.py`` calls ``step`` once per propose call.
@@ -28,21 +29,15 @@ from collections.abc import Callable, Sequence
 from lvspec_vllm.drafter.lag import Row
 
 
-# auto_k's share of warm requests among those admitted at k = 0: each pays the draft's prefill
-AUTO_K_WARM_EVERY = 8
-
-
 class ColdRequests:
-    def __init__(self, block_size: int, warm_every: int = 0):
+    def __init__(self, block_size: int):
         self.block_size = block_size
-        self.warm_every = warm_every  # 0: every request admitted at k = 0 is cold
-        self._admitted_at_k0 = 0
         self.cold: set[str] = set()
         self.marked: set[int] = set()  # draft-KV block ids holding a cold request's tokens
         self._checked: dict[str, int] = {}  # warm request: blocks of its prefix checked so far
         self._last_step: dict[str, int] = {}
         self._step = 0
-        self.counts = {"cold_requests": 0, "cold_prefix_hits": 0, "kept_warm_requests": 0}
+        self.counts = {"cold_requests": 0, "cold_prefix_hits": 0}
 
     def step(self, rows: Sequence[Row], k: int,
              block_ids: Callable[[int, int], Sequence[int]]) -> list[bool]:
@@ -55,7 +50,7 @@ class ColdRequests:
             req = row.req_id
             last = self._last_step.get(req)
             self._last_step[req] = self._step
-            if last is None and k == 0 and not self._kept_warm():
+            if last is None and k == 0:
                 self._make_cold(req)
             elif last != self._step - 1 and req not in self.cold:
                 # new, resumed after preemption or left out of a step: its block table may
@@ -79,12 +74,6 @@ class ColdRequests:
             cold.append(is_cold)
         return cold
 
-    def _kept_warm(self) -> bool:
-        self._admitted_at_k0 += 1
-        kept = bool(self.warm_every) and self._admitted_at_k0 % self.warm_every == 0
-        self.counts["kept_warm_requests"] += kept
-        return kept
-
     def _make_cold(self, req: str) -> None:
         self.cold.add(req)
         self.counts["cold_requests"] += 1
@@ -92,7 +81,8 @@ class ColdRequests:
 
     def forget(self, live) -> None:
         """Drop the requests not in ``live`` (finished or aborted); marked blocks stay marked."""
+        # set operations over the keys: this runs every step, over every live request
         for table in (self._last_step, self._checked):
-            for req in [r for r in table if r not in live]:
+            for req in table.keys() - live:
                 del table[req]
         self.cold.intersection_update(live)

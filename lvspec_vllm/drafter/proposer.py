@@ -44,10 +44,9 @@ DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipp
                     "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
                     "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
                     "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
-                    "dropped_tokens", "cold_requests", "cold_prefix_hits",
-                    "kept_warm_requests")
+                    "dropped_tokens", "cold_requests", "cold_prefix_hits")
 LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
-COLD_COUNTERS = ("cold_requests", "cold_prefix_hits", "kept_warm_requests")
+COLD_COUNTERS = ("cold_requests", "cold_prefix_hits")
 # kept by the encoder cache, the timer, the lag and the cold requests
 _DERIVED = ("encoded_items", "draft_us", *LAG_COUNTERS, *COLD_COUNTERS)
 
@@ -61,8 +60,7 @@ class LVSpecDrafter(DraftModelProposer):
         self._counts = dict.fromkeys((c for c in DRAFTER_COUNTERS if c not in _DERIVED), 0)
         self._catch_up = False
         self.lag = None  # DraftLag, after enable_catch_up()
-        # draft_cold_requests: None (off), else ColdRequests' warm_every (0: every one cold)
-        self._cold_warm_every: int | None = None
+        self._cold = False  # draft_cold_requests, after enable_cold_requests()
         self.cold = None  # ColdRequests, after enable_cold_requests()
         self._planned = None  # this step's (rows, run, wait), when already planned
         self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
@@ -186,10 +184,9 @@ class LVSpecDrafter(DraftModelProposer):
         if self.lag is None and self._catch_up:  # the block size is known from the first step
             from lvspec_vllm.drafter.lag import DraftLag
             self.lag = DraftLag(self.block_size, self.max_batch_size, self.device)
-            if self._cold_warm_every is not None:
+            if self._cold:
                 from lvspec_vllm.drafter.cold import ColdRequests
-                self.cold = ColdRequests(self._block_table().block_size,
-                                         self._cold_warm_every)
+                self.cold = ColdRequests(self._block_table().block_size)
         with self.timer:
             if self.lag is None:
                 self._count_pass(num_speculative_tokens, cad.batch_size())
@@ -215,9 +212,8 @@ class LVSpecDrafter(DraftModelProposer):
                                "with an extra input slot per request")
         self._catch_up = not self.never_drafts
 
-    def enable_cold_requests(self, warm_every: int = 0) -> None:
-        """Requests admitted at k = 0 never run the draft (``cold.py``), except one in
-        ``warm_every`` (0: none); needs catch-up."""
+    def enable_cold_requests(self) -> None:
+        """Requests admitted at k = 0 never run the draft (``cold.py``); needs catch-up."""
         if self.never_drafts:
             return  # no request ever runs the draft: every one is cold already
         if not self._catch_up:
@@ -226,7 +222,7 @@ class LVSpecDrafter(DraftModelProposer):
             # a pass over the warm rows only would misalign the per-request sampling metadata
             raise RuntimeError("LVSpec 'draft_cold_requests' needs greedy drafting "
                                "(vLLM's draft_sample_method 'greedy')")
-        self._cold_warm_every = warm_every
+        self._cold = True
 
     def enable_pass_timing(self) -> None:
         """Keep each timed propose call as a sample (``take_timed_passes``): ``auto_k`` with

@@ -39,7 +39,6 @@ class ModelRunnerInitPatch(Patch):
         if not hasattr(self, "rejection_sampler"):
             return  # not the last pipeline stage: no drafter, no sampler here
         from lvspec_vllm.config import LVSpecConfig
-        from lvspec_vllm.drafter.cold import AUTO_K_WARM_EVERY
         from lvspec_vllm.sampler import LVSpecRejectionSampler
 
         config = LVSpecConfig.from_dict(options)
@@ -70,8 +69,7 @@ class ModelRunnerInitPatch(Patch):
                     "LVSpec 'draft_cold_requests' needs vLLM without async scheduling (the "
                     "runner feeds its drafts to the next step itself there): start vLLM with "
                     "--no-async-scheduling, or set 'draft_cold_requests': false.")
-            # auto_k keeps a few requests admitted at k = 0 warm, to measure k > 0 with
-            self.drafter.enable_cold_requests(AUTO_K_WARM_EVERY if config.auto_k else 0)
+            self.drafter.enable_cold_requests()
             if config.auto_k:  # it prices the draft's prefill from the drafter's own clock
                 self.drafter.enable_pass_timing()
         if config.draft_pruning:

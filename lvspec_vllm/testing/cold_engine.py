@@ -1,16 +1,16 @@
 """A simulated engine for ``auto_k`` with cold requests: can a passing k = 0 be left?
 
-    python -m lvspec_vllm.testing.cold_engine [--steps 4000] [--warm-every 8]
+    python -m lvspec_vllm.testing.cold_engine [--steps 4000] [--alpha 0.8]
 
 ``concurrency`` requests of ``output`` tokens, each replaced when it finishes, on an engine
 where drafting pays (k = 4 doubles goodput at alpha 0.8), except for a slow moment during
 calibration: for the first ``slow_until`` steps a step in which the draft runs takes 3x. The
 requests are cold as the drafter keeps them (``drafter/cold.py``: admitted at k = 0, a request
-never drafts unless kept warm). A step costs the target's verify of every row it checks plus k
+never drafts). A step costs the target's verify of every row it checks plus k
 draft passes over the warm rows; the controller sees what the scheduler's hook shows it
 (``auto_k.decode_share``). Used by ``tests/test_auto_k.py``; run as a module it prints the
-mean k, the k chosen and the samples at k > 0 (their share of drafting rows) per window
-of steps.
+mean k, the k chosen, the samples at k > 0 (their share of drafting rows) and the output
+tokens per simulated second (also against an engine that never drafts) per window of steps.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from lvspec_vllm.drafter.cold import ColdRequests
 from lvspec_vllm.drafter.lag import Row
 
 
-def run(auto: AutoK, warm_every: int, steps: int = 4000, concurrency: int = 4,
+def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
-        seed: int = 9) -> list[tuple[int, float | None, int]]:
+        seed: int = 9) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
-    ``concurrency`` requests)."""
+    ``concurrency`` requests, its seconds, output tokens emitted)."""
     rng = random.Random(seed)
-    cold = ColdRequests(block_size=16, warm_every=warm_every)
+    cold = ColdRequests(block_size=16)
     live: dict[str, list] = {}  # id -> [tokens left, drafts held (None: prefill this step)]
     serial, previous, seen = 0, None, []
     for step in range(steps):
@@ -54,10 +54,12 @@ def run(auto: AutoK, warm_every: int, steps: int = 4000, concurrency: int = 4,
         if step < slow_until and k and warm:
             t *= 3
         share = decode_share(k, previous, held, cold=True)
-        auto.observe(batch, k, 0, None if share is None else t * rng.uniform(0.98, 1.02),
+        t *= rng.uniform(0.98, 1.02)
+        emitted = sum(1 + m for m in accepted)
+        auto.observe(batch, k, 0, None if share is None else t,
                      [n for n in held if n], [m for n, m in zip(held, accepted) if n],
-                     sum(1 + m for m in accepted), 1.0 if share is None else share)
-        seen.append((k, share, auto.table[concurrency]))
+                     emitted, 1.0 if share is None else share)
+        seen.append((k, share, auto.table[concurrency], t, emitted))
         for r, m in zip(decode, accepted):
             live[r][0] -= 1 + m
         for r, c in zip(ids, is_cold):
@@ -69,22 +71,41 @@ def run(auto: AutoK, warm_every: int, steps: int = 4000, concurrency: int = 4,
     return seen
 
 
+class NeverDrafts:
+    """The controller's stand-in for an engine that never drafts: k = 0 at every step."""
+
+    def __init__(self, max_batch: int = 4):
+        self.table = [0] * (max_batch + 1)
+
+    def next_table(self) -> list[int]:
+        return self.table
+
+    def observe(self, *args, **kwargs) -> None:
+        pass
+
+
+def tokens_per_second(seen) -> float:
+    return sum(emitted for *_, emitted in seen) / sum(t for *_, t, _ in seen)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--warm-every", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--window", type=int, default=500)
     args = ap.parse_args(argv)
-    seen = run(AutoK(4, 4, price_admission=True), args.warm_every, args.steps,
-               alpha=args.alpha)
+    seen = run(AutoK(4, 4, price_admission=True), args.steps, alpha=args.alpha)
+    never = run(NeverDrafts(), args.steps, alpha=args.alpha)
     for i in range(0, len(seen), args.window):
         part = seen[i:i + args.window]
-        shares = [s for k, s, _ in part if s is not None and k]
+        shares = [s for k, s, *_ in part if s is not None and k]
         share = f"{sum(shares) / len(shares):.2f}" if shares else "-"
+        rate = tokens_per_second(part)
         print(f"steps {i}-{i + len(part) - 1}: mean k "
-              f"{sum(k for k, _, _ in part) / len(part):.2f}, k chosen at the end {part[-1][2]}, "
-              f"{len(shares)} samples at k > 0 with a mean share of rows drafting {share}")
+              f"{sum(k for k, *_ in part) / len(part):.2f}, k chosen at the end {part[-1][2]}, "
+              f"{len(shares)} samples at k > 0 with a mean share of rows drafting {share}, "
+              f"{rate:.0f} tokens/s ({rate / tokens_per_second(never[i:i + args.window]):.2f}x "
+              f"never drafting)")
 
 
 if __name__ == "__main__":
