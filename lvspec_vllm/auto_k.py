@@ -37,14 +37,28 @@ With cold requests (``draft_cold_requests``) a step at k > 0 may hold decode row
 draft. Such a step is a sample all the same, or k = 0, once chosen, would never be measured
 against again: every request admitted at k = 0 is cold, so a later step at k > 0 would mix
 cold and warm rows for as long as the load lasts. A step at k where a share s of the decode
-rows drafted (and verified k) is taken to cost (1 - s) T_B(0) + s T_B(k); at s = 0 it is the
-k = 0 step it is. The draft's passes have a fixed part that the warm rows alone pay, so a
-mixed step costs more than that line and the fitted T_B(k) leans high: drafting is measured
-as dearer than it is until most rows draft, never cheaper. Such a sample tells T_B(k) apart
-only by its share, and at a batch size at k = 0 the share is that of the requests admitted in
-explorations (a request first scheduled at k > 0 is warm, one at k = 0 cold), so there the
-explorations try one more on every turn and hold it ``cold_hold`` steps: a few more samples,
-more warm rows, each costing only its warm rows' drafts.
+rows drafted is taken to cost
+
+    T_B(0) + F_k + s V_k,        so that a whole step costs T_B(k) = T_B(0) + F_k + V_k:
+
+the draft's passes and the verify's wider rows have a part that any drafting row brings in
+(F_k: the draft's forward, its launches and the spec-decode bookkeeping, which on a 2-core CPU
+cost as much as the target's step) and a part per drafting row (V_k). Samples at one share
+alone tell only F_k + s V_k; the fit then leans on F_k (a small ridge on V_k), which a serving
+trace bears out (at 4 and 16 requests a partly cold step at k = 1 took as long as a whole one)
+and which is optimistic where drafting's cost is per row instead: a k chosen on it is run,
+its rows turn warm, and the whole steps then measure it. A step at k > 0 where no decode row
+drafted is no sample of either level (the drafter's call still costs). At a batch size at
+k = 0 the share is that of the requests admitted in explorations (a request first scheduled
+at k > 0 is warm, one at k = 0 cold), so there the explorations try one more on every turn
+and hold it ``cold_hold`` steps: a few more samples, more warm rows.
+
+Explorations are paid from a budget (``AutoK.explore_budget``): an exploration starts only
+while what the explorations cost, in seconds beyond what the table's k would have taken for
+the tokens they emitted (by the fit and the measured acceptance), is at most a share of the
+engine's time (both decayed). Where a k off the table costs little, or pays, they run on
+every turn; where it is dear (a drafting step at twice a plain one's cost, this CPU) they
+grow rare, and their cost stays near that share instead of half the time.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
@@ -181,7 +195,7 @@ class StepCostModel:
 
     def __init__(self, k_max: int, max_batch: int, window: int = 64, min_samples: int = 24,
                  width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
-                 split_prefill: bool = False, guess: bool = True):
+                 split_prefill: bool = False, guess: bool = True, ridge: float = 0.25):
         self.k_max = k_max
         self.guess = guess  # StepTimes.guess
         # prefill priced apart at k = 0 and k > 0 (draft_cold_requests: only requests admitted
@@ -201,6 +215,9 @@ class StepCostModel:
         # older samples weigh less (halved every half_life samples): the engine's speed drifts,
         # and a k measured once in a slow moment must not speak for it for ever
         self.half_life = half_life
+        # the ridge on V_k, in samples' weight: samples at one share tell F_k + s V_k only,
+        # and are read as F_k until their shares differ by more than noise (module docstring)
+        self.ridge = ridge
         # samples farther than this many grid points weigh under 1e-3: left out of a point's fit
         self._reach = int(np.ceil(2 * width * np.sqrt(2 * np.log(1e3))))
         # per grid point, its last fit (times, draft_prefill, measured) and whether a bucket
@@ -224,7 +241,9 @@ class StepCostModel:
             share: float = 1.0) -> None:
         """One step: running requests, k drafted, prefill tokens computed, wall seconds, and
         the share of its decode rows that drafted (cold requests do not: see the module
-        docstring; a step at k > 0 with share 0 is a k = 0 step)."""
+        docstring; a step at k > 0 with share 0 is no sample)."""
+        if k and share <= 0:  # all rows cold: neither a k = 0 step nor one that drafted
+            return
         g = int(np.abs(np.log2(max(batch, 1)) - np.log2(self.grid)).argmin())
         k = min(k, self.k_max)
         self._rows[g, k, self._added[g, k] % self._rows.shape[2]] = (batch, k, prefill, seconds,
@@ -264,11 +283,8 @@ class StepCostModel:
             # keeps its weight until newer samples arrive
             w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2) \
                 * 0.5 ** ((number.max() - number) / self.half_life)
-            # a step at k where a share s of the decode rows drafted is taken to cost
-            # (1 - s) T(0) + s T(k): its weight is split between the two levels
-            ws = np.where(k == 0, w, w * share)
-            weight = np.bincount(k, ws, minlength=len(ks))
-            weight[0] += (w - ws).sum()
+            # every sample weighs for its own k, whatever share of its rows drafted
+            weight = np.bincount(k, w, minlength=len(ks))
             seen = weight >= self.min_weight
             measured[g] = seen
             if seen.sum() < 2:
@@ -285,10 +301,14 @@ class StepCostModel:
                 else [prefill]
             # the weighted normal equations (a 13 x 13 solve for k <= 8); the pseudo-inverse
             # keeps the minimum-norm solution where columns are absent
-            xtx, xty = _normal_equations(k, share, np.stack(columns), w, t, len(ks))
+            xtx, xty = _normal_equations(k, share, np.stack(columns), w, t, len(ks),
+                                         self.ridge)
             coef = np.linalg.pinv(xtx, hermitian=True) @ xty
-            slope, slope_k = coef[len(ks)], coef[len(ks) + 1]
-            level = coef[:len(ks)] + (slope + slope_k * ks) * (b0 - centre)
+            n = len(ks)
+            # T(0) = L0, T(k) = L0 + F_k + V_k: a whole step at k
+            level = coef[0] + np.concatenate([[0.0], coef[1:n] + coef[n:2 * n - 1]])
+            slope, slope_k = coef[2 * n - 1], coef[2 * n]
+            level = level + (slope + slope_k * ks) * (b0 - centre)
             times[g] = _fill_unseen(level, seen)
             if self.split_prefill:
                 # both sides need prefill samples of their own, or the difference is the
@@ -372,23 +392,31 @@ class DraftPassCost:
         return max(float(np.median([(t - x @ coef) / n for _, x, n, t in calls])), 0.0)
 
 
-def _normal_equations(k, share, cols, w, t, n):
-    """X'WX and X'Wt for levels ``a`` at k = 0 and ``b`` at k (a + b = 1; a step at k = 0 is
-    all level 0), then ``cols``; by bincount, as the level part of X has two entries a row."""
-    b = np.where(k == 0, 0.0, share)
-    a = 1.0 - b
+def _normal_equations(k, share, cols, w, t, n, ridge):
+    """X'WX (plus ``ridge`` on the V_k) and X'Wt for t = L0 + F_k + s V_k + cols (a step at
+    k = 0: L0 alone); unknowns [L0, F_1..F_{n-1}, V_1..V_{n-1}, cols]. By bincount, as the
+    level part of X has at most three entries a row."""
+    on = (k > 0).astype(float)
+    s = np.where(k > 0, share, 0.0)
+
+    def per_k(values):  # sums over the samples at each k > 0
+        return np.bincount(k, values, minlength=n)[1:]
+
     m = len(cols)
-    xtx = np.zeros((n + m, n + m))
-    xtx[0, 0] = (w * a * a).sum()
-    xtx[range(1, n), range(1, n)] = np.bincount(k, w * b * b, minlength=n)[1:]
-    xtx[0, 1:n] = xtx[1:n, 0] = np.bincount(k, w * a * b, minlength=n)[1:]
+    fk, vk = np.arange(1, n), np.arange(n, 2 * n - 1)  # F_k, V_k
+    c = slice(2 * n - 1, 2 * n - 1 + m)
+    xtx = np.zeros((2 * n - 1 + m, 2 * n - 1 + m))
+    xtx[0, 0] = w.sum()
+    xtx[0, fk] = xtx[fk, 0] = xtx[fk, fk] = per_k(w * on)
+    xtx[0, vk] = xtx[vk, 0] = xtx[fk, vk] = xtx[vk, fk] = per_k(w * s)
+    xtx[vk, vk] = per_k(w * s * s) + ridge
     wcols = cols * w
-    xtx[0, n:] = wcols @ a
-    xtx[1:n, n:] = np.stack([np.bincount(k, c * b, minlength=n)[1:] for c in wcols], axis=1)
-    xtx[n:, :n] = xtx[:n, n:].T
-    xtx[n:, n:] = wcols @ cols.T
-    xty = np.concatenate([[(w * a * t).sum()], np.bincount(k, w * b * t, minlength=n)[1:],
-                          wcols @ t])
+    xtx[0, c] = wcols.sum(axis=1)
+    xtx[fk, c] = np.stack([per_k(col * on) for col in wcols], axis=1)
+    xtx[vk, c] = np.stack([per_k(col * s) for col in wcols], axis=1)
+    xtx[c, :c.start] = xtx[:c.start, c].T
+    xtx[c, c] = wcols @ cols.T
+    xty = np.concatenate([[(w * t).sum()], per_k(w * on * t), per_k(w * s * t), wcols @ t])
     return xtx, xty
 
 
@@ -433,12 +461,16 @@ class AutoK:
     (the costs are only identifiable when k varies), and every ``explore_every``-th step starts
     two steps at another k, in turn one more, one less and 0, so that the fit keeps seeing
     more than one k at the batch sizes the engine runs, and keeps re-measuring the step
-    without speculation that drafting has to beat.
+    without speculation that drafting has to beat. An exploration starts only within its
+    budget (``explore_budget``, see the module docstring).
     """
 
     hold = 4
     cold_hold = 4  # steps of an exploration from k = 0 with cold requests (see next_table)
     refit_every = 16
+    # explorations may cost this share of the engine's time (decayed by budget_decay per step)
+    explore_budget = 0.03
+    budget_decay = 0.999
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
                  calibration_steps: int = 48, price_admission: bool = False,
@@ -469,20 +501,47 @@ class AutoK:
         self.fitted: StepTimes | None = None
         self.steps = 0
         self.last_k: int | None = None
+        # decayed seconds: of every timed step after calibration, and what the explorations'
+        # steps (and the switch back after each) took beyond the table's k for their tokens
+        self.elapsed = 0.0
+        self.overspent = 0.0
+        self._exploring = True      # this turn of explore_every steps explores
+        self._turns = 0             # turns that explored, this one included
+        self._decided = -1          # the step the current turn was decided at
+        self._explored_last = False
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
-                drafted: list[int], accepted: list[int], emitted: int = 0,
-                share: float = 1.0) -> None:
+                drafted: list[int], accepted: list[int], emitted: int | None = None,
+                share: float = 1.0, elapsed: float | None = None) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
-        not a sample), per request drafts verified and accepted, output tokens emitted, and
-        the share of its decode rows that drafted (below 1 only with cold requests)."""
+        not a sample), per request drafts verified and accepted, output tokens emitted (None:
+        not counted), the share of its decode rows that drafted (below 1 only with cold
+        requests), and its wall seconds whether a sample or not (None: as ``seconds``; the
+        engine was idle before it if both are None)."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
-        self._tokens = self._tokens * self._decay + (prefill, emitted)
+        self._spend(batch, k, seconds if elapsed is None else elapsed, emitted)
+        self._tokens = self._tokens * self._decay + (prefill, emitted or 0)
         self.last_k = k
         if drafted:
             self.profile.update(drafted, accepted)
         self.steps += 1
+
+    def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None) -> None:
+        # what the explorations cost: a step off the table, and the one after it (the switch
+        # back pays for the switch), against the table's k emitting the same tokens
+        if self.steps < self.calibration_steps or seconds is None:
+            return
+        self.elapsed = self.elapsed * self.budget_decay + seconds
+        self.overspent *= self.budget_decay
+        planned = self.table[min(batch, self.max_batch)]
+        explored = k != planned
+        if (explored or self._explored_last) and self.fitted is not None:
+            t = float(self.fitted.step_time(batch, planned))
+            if emitted is not None:  # the table's seconds for these tokens
+                t *= emitted / max(batch * expected_tokens(self.profile.alpha(), planned), 1e-9)
+            self.overspent += seconds - t
+        self._explored_last = explored
 
     def observe_draft(self, passes) -> None:
         """The drafter's timed passes since the last step: (k, rows, prompt tokens, other
@@ -503,16 +562,21 @@ class AutoK:
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
                                       self.k_max, self.admission)
         phase = self.steps % self.explore_every
+        if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
+            self._decided = self.steps
+            self._exploring = self.overspent <= self.explore_budget * self.elapsed
+            self._turns += self._exploring
         cold = self.price_admission
-        if phase >= (self.cold_hold if cold else 2):
+        if phase >= (self.cold_hold if cold else 2) or not self._exploring:
             return self.table
-        # with cold requests a batch size at k = 0 tries one more on every turn, for
-        # ``cold_hold`` steps: only its rows admitted in such steps draft (drafter/cold.py),
-        # so each measures k > 0 at a small share of its rows and costs only that share's drafts
-        up = min(1, self.k_max)
+        turn = (self._turns - 1) % 3
+        # with cold requests a batch size at k = 0 explores on every turn, for ``cold_hold``
+        # steps: only its rows admitted in such steps draft (drafter/cold.py). It tries 1, k/2
+        # and k in turn: a drafting step's fixed part can make k = 1 lose where a longer draft
+        # pays, and above the largest k measured nothing is chosen (StepTimes.allowed)
+        up = self.calibration_ks[1 + turn % (len(self.calibration_ks) - 1)]
         if phase >= 2:
             return [up if k == 0 else k for k in self.table]
-        turn = (self.steps // self.explore_every) % 3
         if turn == 2:  # no speculation, the baseline every choice is weighed against
             return [up if k == 0 and cold else 0 for k in self.table]
         nudge = 1 if turn == 0 else -1

@@ -143,6 +143,12 @@ class LVSpecCollector:
             yield family
             yield GaugeMetricFamily("lvspec:auto_k", "k of the latest step under auto_k.",
                                     value=totals.get("auto_k_last", 0))
+            # decayed seconds summed over engines, so the share is of all of them
+            elapsed = totals.get("auto_k_elapsed_seconds", 0)
+            yield GaugeMetricFamily(
+                "lvspec:auto_k_exploration_cost_ratio", "What auto_k's explorations cost beyond "
+                "the chosen k, as a share of the engine's recent time (capped by its budget).",
+                value=totals.get("auto_k_overspent_seconds", 0) / elapsed if elapsed else 0)
         if "auto_k_draft_passes" in totals:  # draft_cold_requests: the drafter's own clock
             yield CounterMetricFamily("lvspec:auto_k_draft_passes", "Draft passes timed by the "
                                       "drafter that reached auto_k.",

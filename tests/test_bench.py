@@ -180,6 +180,21 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert s["k_above_0_samples"] == {"whole": 2, "partly cold": 1, "all cold": 0}
     assert s["prefill_share"] == pytest.approx(0.012 / 0.049)
     assert s["decode_ms"] == {"4,0": (1, pytest.approx(3.0)), "4,2": (2, pytest.approx(7.0))}
+    assert s["exploration_steps"] == 0  # the old format has no table's k
+    # the current format: wall seconds for every step, sample or not, and the table's k
+    rows = [[4, 0, 0, None, None, None, 0.010, 0],
+            [4, 0, 0, 0.010, 0, 1.0, 0.010, 0],
+            [4, 1, 0, None, 0, None, 0.030, 0],   # an exploration: the switch
+            [4, 1, 0, 0.020, 1, 0.25, 0.020, 0],  # and a sample at a quarter of rows warm
+            [4, 0, 0, None, 1, None, 0.015, 0],   # the switch back
+            [4, 0, 0, 0.010, 0, 1.0, 0.010, 0],
+            [4, 0, 0, None, 0, None, None, 0]]    # after an idle engine
+    s = summarise(rows)
+    assert s["steps"] == 6
+    assert s["exploration_steps"] == 3
+    assert s["exploration_share"] == pytest.approx(0.065 / 0.095)
+    assert s["k_above_0_samples"] == {"whole": 0, "partly cold": 1, "all cold": 0}
+    assert s["decode_ms"] == {"4,0": (2, pytest.approx(10.0))}
 
 
 def test_auto_k_cost_prints_microseconds_per_step(capsys):

@@ -2,9 +2,12 @@
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
 JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
-decode rows that drafted]``. Printed: the share of wall time in steps that computed prefill
-chunks, and per batch size and k the median time of the whole decode-only steps auto_k fits
-(k kept from the step before, every decode row drafting), beside the steps it leaves out.
+decode rows that drafted, wall seconds, the table's k]`` (older traces stop after the share or
+before it; their seconds are the wall time of the steps that were samples). Printed: the
+share of wall time in steps that computed prefill chunks and in explorations (steps at a k
+off the table, and the step after each), and per batch size and k the median time of the
+whole decode-only steps auto_k fits (k kept from the step before, every decode row drafting),
+beside the steps it leaves out.
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ import sys
 from collections import defaultdict
 
 
+def _wall(row: list) -> float | None:
+    return row[6] if len(row) > 7 else row[3]
+
+
 def summarise(lines: list[list]) -> dict:
-    steps = [row for row in lines if row[3] is not None]
-    total = sum(row[3] for row in steps)
+    steps = [row for row in lines if _wall(row) is not None]
+    total = sum(_wall(row) for row in steps)
     prefill = [row for row in steps if row[2] > 0]
+    # an exploration's steps, and the one after it (which pays for the switch back)
+    explored, after = [], False
+    for row in lines:
+        off = len(row) > 7 and row[1] != row[7]
+        if (off or after) and _wall(row) is not None:
+            explored.append(_wall(row))
+        after = off
     decode = defaultdict(list)
     # samples at k > 0 by the share of decode rows that drafted (cold requests)
     shares = {"whole": 0, "partly cold": 0, "all cold": 0}
@@ -33,7 +47,9 @@ def summarise(lines: list[list]) -> dict:
     return {
         "steps": len(steps), "seconds": total,
         "prefill_steps": len(prefill),
-        "prefill_share": sum(row[3] for row in prefill) / total if total else 0.0,
+        "prefill_share": sum(_wall(row) for row in prefill) / total if total else 0.0,
+        "exploration_steps": len(explored),
+        "exploration_share": sum(explored) / total if total else 0.0,
         "k_above_0_samples": shares,
         "decode_ms": {f"{b},{k}": (len(v), 1e3 * statistics.median(v))
                       for (b, k), v in sorted(decode.items())},
@@ -45,7 +61,8 @@ def main(argv=None) -> None:
     with open(path) as f:
         s = summarise([json.loads(line) for line in f if line.strip()])
     print(f"{s['steps']} steps, {s['seconds']:.3f} s; {s['prefill_steps']} with prefill chunks: "
-          f"{100 * s['prefill_share']:.0f} % of the time")
+          f"{100 * s['prefill_share']:.0f} % of the time; {s['exploration_steps']} in "
+          f"explorations and after them: {100 * s['exploration_share']:.0f} %")
     print("samples at k > 0 by the share of decode rows that drafted: "
           + ", ".join(f"{n} {kind}" for kind, n in s["k_above_0_samples"].items()))
     print("batch, k: decode-only steps that kept the previous k, median ms")

@@ -15,8 +15,11 @@ prompt token) are logged every 10 s. With cold requests the drafter's timed pass
 the step's output (``runner_output.py``) and are fed to the controller here too.
 With cold requests a step at k > 0 whose decode rows are partly cold is a sample of the share
 that drafted. With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to
-that file as one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share]``
-(``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises it).
+that file as one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share,
+wall seconds, the table's k]`` (seconds: None where the step is no sample; wall seconds: None
+after an idle engine; the table's k: what ``auto_k`` chose for the batch size, which an
+exploration's k differs from). ``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises
+it.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class AutoKController:
         k = scheduler_output.num_spec_tokens_to_schedule
         # The wall time since the previous step's outcome is this step's cost, as long as the
         # engine had work in between (otherwise it includes idle time: not a sample).
-        seconds = now - self.last_end if self.last_end is not None else None
+        elapsed = now - self.last_end if self.last_end is not None else None
         drafted, accepted = [], []
         index = model_runner_output.req_id_to_index
         spec = scheduler_output.scheduled_spec_decode_tokens or {}
@@ -91,15 +94,15 @@ class AutoKController:
             - len(decode_rows)
         # the share of the decode rows that drafted (cold requests do not); None: no sample
         share = decode_share(k, self.last_k, decode_rows, self.cold)
-        if share is None:
-            seconds = None
+        seconds = None if share is None else elapsed
         if self._trace is not None:
+            planned = self.auto.table[min(batch, self.max_batch)]
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
-                                          share]) + "\n")
+                                          share, elapsed, planned]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
         self.auto.observe_draft(draft_passes(model_runner_output))
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
-                          1.0 if share is None else share)
+                          1.0 if share is None else share, elapsed=elapsed)
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
@@ -129,6 +132,8 @@ class AutoKController:
             self._last_publish = now
             snap = {f"auto_k_steps_{k}": n for k, n in self.steps_by_k.items()}
             snap["auto_k_last"] = self.last_k
+            snap["auto_k_elapsed_seconds"] = self.auto.elapsed
+            snap["auto_k_overspent_seconds"] = self.auto.overspent
             if self.auto.draft_cost.count:
                 snap["auto_k_draft_passes"] = self.auto.draft_cost.count
                 snap["auto_k_draft_prompt_token_seconds"] = price or 0.0
@@ -150,12 +155,14 @@ class AutoKController:
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
                 "(measured near it: k %s); draft prefill per output token when drafting, "
-                "ms %s (drafter's clock: us per prompt token %s, %d passes); k by batch size "
-                "%s; steps by k %s", batch, self.last_k,
+                "ms %s (drafter's clock: us per prompt token %s, %d passes); explorations' "
+                "cost %.1f %% of the time (budget %.1f %%); k by batch size %s; steps by k %s",
+                batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, measured,
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
-                self.auto.table[1:65], dict(self.steps_by_k))
+                100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),
+                100 * self.auto.explore_budget, self.auto.table[1:65], dict(self.steps_by_k))
 
 
 def _controller(scheduler) -> AutoKController | None:

@@ -1,13 +1,15 @@
 """A simulated engine for ``auto_k`` with cold requests: can a passing k = 0 be left?
 
-    python -m lvspec_vllm.testing.cold_engine [--steps 4000] [--alpha 0.8]
+    python -m lvspec_vllm.testing.cold_engine [--steps 4000] [--alpha 0.8] [--draft-fixed S]
 
 ``concurrency`` requests of ``output`` tokens, each replaced when it finishes, on an engine
 where drafting pays (k = 4 doubles goodput at alpha 0.8), except for a slow moment during
 calibration: for the first ``slow_until`` steps a step in which the draft runs takes 3x. The
 requests are cold as the drafter keeps them (``drafter/cold.py``: admitted at k = 0, a request
 never drafts). A step costs the target's verify of every row it checks plus k
-draft passes over the warm rows; the controller sees what the scheduler's hook shows it
+draft passes over the warm rows, and ``draft_fixed`` seconds once if any row drafts (the
+fixed part of a drafting step: on the 2-core CPU about a k = 0 step's own time, which
+``--draft-fixed 0.01`` mimics); the controller sees what the scheduler's hook shows it
 (``auto_k.decode_share``). Used by ``tests/test_auto_k.py``; run as a module it prints the
 mean k, the k chosen, the samples at k > 0 (their share of drafting rows) and the output
 tokens per simulated second (also against an engine that never drafts) per window of steps.
@@ -25,7 +27,7 @@ from lvspec_vllm.drafter.lag import Row
 
 def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
-        seed: int = 9) -> list[tuple[int, float | None, int, float, int]]:
+        seed: int = 9, draft_fixed: float = 0.0) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
     ``concurrency`` requests, its seconds, output tokens emitted)."""
     rng = random.Random(seed)
@@ -50,7 +52,9 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
                 m += 1
             accepted.append(m)
         warm = [r for r, c in zip(ids, is_cold) if not c]
-        t = 0.010 + 1e-4 * (batch + sum(held)) + (k * (1e-3 + 1e-4 * len(warm)) if warm else 0)
+        t = 0.010 + 1e-4 * (batch + sum(held))
+        if k and warm:
+            t += draft_fixed + k * (1e-3 + 1e-4 * len(warm))
         if step < slow_until and k and warm:
             t *= 3
         share = decode_share(k, previous, held, cold=True)
@@ -58,7 +62,7 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         emitted = sum(1 + m for m in accepted)
         auto.observe(batch, k, 0, None if share is None else t,
                      [n for n in held if n], [m for n, m in zip(held, accepted) if n],
-                     emitted, 1.0 if share is None else share)
+                     emitted, 1.0 if share is None else share, elapsed=t)
         seen.append((k, share, auto.table[concurrency], t, emitted))
         for r, m in zip(decode, accepted):
             live[r][0] -= 1 + m
@@ -93,9 +97,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--draft-fixed", type=float, default=0.0,
+                    help="seconds a step pays once when any row drafts")
+    ap.add_argument("--explore-budget", type=float, default=AutoK.explore_budget,
+                    help="AutoK.explore_budget (inf: explore on every turn)")
     args = ap.parse_args(argv)
-    seen = run(AutoK(4, 4, price_admission=True), args.steps, alpha=args.alpha)
-    never = run(NeverDrafts(), args.steps, alpha=args.alpha)
+    auto = AutoK(4, 4, price_admission=True)
+    auto.explore_budget = args.explore_budget
+    seen = run(auto, args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed)
+    never = run(NeverDrafts(), args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed)
     for i in range(0, len(seen), args.window):
         part = seen[i:i + args.window]
         shares = [s for k, s, *_ in part if s is not None and k]
