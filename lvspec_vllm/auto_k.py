@@ -281,11 +281,14 @@ class StepCostModel:
                 continue
             # ages from the newest sample near this batch size: what the load left long ago
             # keeps its weight until newer samples arrive
-            w = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2) \
-                * 0.5 ** ((number.max() - number) / self.half_life)
-            # every sample weighs for its own k, whatever share of its rows drafted
-            weight = np.bincount(k, w, minlength=len(ks))
-            seen = weight >= self.min_weight
+            near_b0 = np.exp(-0.5 * (np.log2(batch / b0) / self.width) ** 2)
+            w = near_b0 * 0.5 ** ((number.max() - number) / self.half_life)
+            # A k is measured here if samples near enough were kept, however old: age only
+            # weighs newer samples over older ones. (Aged out, the k = 0 level at a batch size
+            # that drafts, where baseline explorations are rare, would be extrapolated from the
+            # k > 0 levels: far too high, and drafting would look cheap.) Every sample weighs
+            # for its own k, whatever share of its rows drafted.
+            seen = np.bincount(k, near_b0, minlength=len(ks)) >= self.min_weight
             measured[g] = seen
             if seen.sum() < 2:
                 continue

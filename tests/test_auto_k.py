@@ -335,6 +335,19 @@ def test_explorations_wait_while_they_cost_more_than_their_budget():
     assert ups == every
 
 
+def test_a_k_measured_long_ago_stays_measured():
+    # A batch size that drafts runs k = 0 rarely: its k = 0 samples grow old against the many
+    # at k = 4 after them, but they are the baseline, not a guess from the k > 0 levels
+    model = StepCostModel(4, 8, min_samples=8, half_life=25)
+    for _ in range(4):
+        model.add(1, 0, 0.008)
+    for i in range(400):
+        model.add(1, 1 if i % 4 == 0 else 4, 0.015 if i % 4 == 0 else 0.021)
+    fitted = model.fit()
+    assert fitted.measured[fitted.index(1)].tolist() == [True, True, False, False, True]
+    assert fitted.step_time(1, 0) == pytest.approx(0.008)
+
+
 def test_newer_samples_outweigh_a_slow_moment_long_ago():
     model = StepCostModel(2, 8, min_samples=8, half_life=25)
     for _ in range(50):
