@@ -190,8 +190,9 @@ class StepCostModel:
     """``StepTimes`` fitted to measured (batch, k, prefill tokens, seconds) by local regression
     in the batch size (see the module docstring). Samples are kept per grid point, the latest
     ``window`` of each k at each, so a batch size the load left long ago keeps what was
-    measured there, and a k the engine runs rarely (an exploration's) keeps its samples until
-    they age out instead of being crowded out by the k it runs."""
+    measured there, and a k the engine runs rarely (an exploration's, or k = 0 where the
+    engine drafts) keeps its samples, and stays measured, until newer ones of the same k
+    replace them, instead of being crowded out by the k it runs; age only weighs them less."""
 
     def __init__(self, k_max: int, max_batch: int, window: int = 64, min_samples: int = 24,
                  width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
