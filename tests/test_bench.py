@@ -195,6 +195,7 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert s["exploration_share"] == pytest.approx(0.065 / 0.095)
     assert s["k_above_0_samples"] == {"whole": 0, "partly cold": 1, "all cold": 0}
     assert s["decode_ms"] == {"4,0": (2, pytest.approx(10.0))}
+    assert s["cold_ms"] == {"4,1": {"partly cold": (1, pytest.approx(20.0))}}
 
 
 def test_auto_k_cost_prints_microseconds_per_step(capsys):

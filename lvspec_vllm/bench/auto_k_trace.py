@@ -34,16 +34,22 @@ def summarise(lines: list[list]) -> dict:
             explored.append(_wall(row))
         after = off
     decode = defaultdict(list)
+    cold = defaultdict(lambda: defaultdict(list))  # (batch, k) -> kind -> seconds
     # samples at k > 0 by the share of decode rows that drafted (cold requests)
     shares = {"whole": 0, "partly cold": 0, "all cold": 0}
-    for batch, k, p, seconds, previous, *share in steps:
+    for row in steps:
+        batch, k, p, seconds, previous, *share = row
         # older traces have 5 fields: a sample kept the previous k
         s = share[0] if share else (1.0 if k == previous else None)
-        if k and s is not None:
-            shares["whole" if s == 1.0 else "partly cold" if s > 0 else "all cold"] += 1
-        # the medians are of whole steps at k: a partly cold one is not
+        kind = None if not k or s is None else \
+            "whole" if s == 1.0 else "partly cold" if s > 0 else "all cold"
+        if kind:
+            shares[kind] += 1
+        # the medians are of whole steps at k (and apart, of the partly and all cold ones)
         if p == 0 and k == previous and s == 1.0:
             decode[(batch, k)].append(seconds)
+        elif p == 0 and kind:
+            cold[(batch, k)][kind].append(_wall(row))
     return {
         "steps": len(steps), "seconds": total,
         "prefill_steps": len(prefill),
@@ -53,6 +59,9 @@ def summarise(lines: list[list]) -> dict:
         "k_above_0_samples": shares,
         "decode_ms": {f"{b},{k}": (len(v), 1e3 * statistics.median(v))
                       for (b, k), v in sorted(decode.items())},
+        "cold_ms": {f"{b},{k}": {kind: (len(v), 1e3 * statistics.median(v))
+                                 for kind, v in kinds.items()}
+                    for (b, k), kinds in sorted(cold.items())},
     }
 
 
@@ -65,9 +74,15 @@ def main(argv=None) -> None:
           f"explorations and after them: {100 * s['exploration_share']:.0f} %")
     print("samples at k > 0 by the share of decode rows that drafted: "
           + ", ".join(f"{n} {kind}" for kind, n in s["k_above_0_samples"].items()))
-    print("batch, k: decode-only steps that kept the previous k, median ms")
-    for key, (n, ms) in s["decode_ms"].items():
-        print(f"  {key}: {n} steps, {ms:.2f} ms")
+    print("batch, k: decode-only steps that kept the previous k, median ms (whole steps; "
+          "beside them the partly and all cold ones)")
+    keys = sorted({*s["decode_ms"], *s["cold_ms"]}, key=lambda key: tuple(map(int, key.split(","))))
+    for key in keys:
+        n, ms = s["decode_ms"].get(key, (0, None))
+        line = f"  {key}: {n} steps" + (f", {ms:.2f} ms" if n else "")
+        for kind, (m, cold_ms) in sorted(s["cold_ms"].get(key, {}).items(), reverse=True):
+            line += f"; {m} {kind}, {cold_ms:.2f} ms"
+        print(line)
 
 
 if __name__ == "__main__":
