@@ -50,8 +50,8 @@ and which is optimistic where drafting's cost is per row instead: a k chosen on 
 its rows turn warm, and the whole steps then measure it. A step at k > 0 where no decode row
 drafted is no sample of either level (the drafter's call still costs). At a batch size at
 k = 0 the share is that of the requests admitted in explorations (a request first scheduled
-at k > 0 is warm, one at k = 0 cold), so there the explorations try one more on every turn
-and hold it ``cold_hold`` steps: a few more samples, more warm rows.
+at k > 0 is warm, one at k = 0 cold), so there the explorations run on every turn, trying
+1, k/2 and k in turn, and hold it ``cold_hold`` steps: a few more samples, more warm rows.
 
 Explorations are paid from a budget (``AutoK.explore_budget``): an exploration starts only
 while what the explorations cost, in seconds beyond what the table's k would have taken for
@@ -400,9 +400,6 @@ def _normal_equations(k, share, cols, w, t, n, ridge):
     """X'WX (plus ``ridge`` on the V_k) and X'Wt for t = L0 + F_k + s V_k + cols (a step at
     k = 0: L0 alone); unknowns [L0, F_1..F_{n-1}, V_1..V_{n-1}, cols]. By bincount, as the
     level part of X has at most three entries a row."""
-    on = (k > 0).astype(float)
-    s = np.where(k > 0, share, 0.0)
-
     def per_k(values):  # sums over the samples at each k > 0
         return np.bincount(k, values, minlength=n)[1:]
 
@@ -411,16 +408,16 @@ def _normal_equations(k, share, cols, w, t, n, ridge):
     c = slice(2 * n - 1, 2 * n - 1 + m)
     xtx = np.zeros((2 * n - 1 + m, 2 * n - 1 + m))
     xtx[0, 0] = w.sum()
-    xtx[0, fk] = xtx[fk, 0] = xtx[fk, fk] = per_k(w * on)
-    xtx[0, vk] = xtx[vk, 0] = xtx[fk, vk] = xtx[vk, fk] = per_k(w * s)
-    xtx[vk, vk] = per_k(w * s * s) + ridge
+    xtx[0, fk] = xtx[fk, 0] = xtx[fk, fk] = per_k(w)
+    xtx[0, vk] = xtx[vk, 0] = xtx[fk, vk] = xtx[vk, fk] = per_k(w * share)
+    xtx[vk, vk] = per_k(w * share * share) + ridge
     wcols = cols * w
     xtx[0, c] = wcols.sum(axis=1)
-    xtx[fk, c] = np.stack([per_k(col * on) for col in wcols], axis=1)
-    xtx[vk, c] = np.stack([per_k(col * s) for col in wcols], axis=1)
+    xtx[fk, c] = np.stack([per_k(col) for col in wcols], axis=1)
+    xtx[vk, c] = np.stack([per_k(col * share) for col in wcols], axis=1)
     xtx[c, :c.start] = xtx[:c.start, c].T
     xtx[c, c] = wcols @ cols.T
-    xty = np.concatenate([[(w * t).sum()], per_k(w * on * t), per_k(w * s * t), wcols @ t])
+    xty = np.concatenate([[(w * t).sum()], per_k(w * t), per_k(w * share * t), wcols @ t])
     return xtx, xty
 
 
