@@ -115,6 +115,11 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
                                                                    for lv in auto)
     assert all(lv["draft_share"] == 0 for lv in runs["none"]["levels"])
     assert "the draft's share of wall time" in (out / "serve.md").read_text()
+    # where a request's time went, from vLLM's histograms, per level
+    for lv in auto + runs["none"]["levels"]:
+        assert 0 < lv["prefill_ms"] and 0 < lv["decode_ms"], lv
+        assert lv["prefill_ms"] <= lv["ttft_ms"] <= lv["e2e_ms"], lv
+    assert "time to first token" in (out / "serve.md").read_text()
     for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -205,3 +210,4 @@ def test_auto_k_cost_prints_microseconds_per_step(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 16"]
     assert all(float(line.split()[2]) > 0 for line in lines)
+

@@ -108,35 +108,61 @@ def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict
     levels = list(args.concurrency)
     if args.ramp:
         levels = levels + levels[-2::-1]
-    results = []
     with vllm_server(args.target, spec, log_path=out / f"serve-{mode}{tag}.log",
                      extra_args=extra) as srv:
         # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
         asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
-        for c in levels:
-            before, k_before = srv.metrics(), _k_steps(srv.base_url)
-            r = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, c,
-                                   args.requests_per_level * c, args.max_tokens))
-            time.sleep(2 * PUBLISH_INTERVAL_S)  # the workers' last counts reach /metrics
-            after, k_after = srv.metrics(), _k_steps(srv.base_url)
-            drafter = _delta(after, before, "lvspec:draft_")
-            r["draft_share"] = drafter.get("lvspec:draft_seconds_total", 0.0) / r["elapsed_s"]
-            r["draft_skipped_steps"] = drafter.get("lvspec:draft_skipped_steps_total", 0.0)
-            d = _delta(after, before, "vllm:spec_decode_num")
-            drafts = d.get("vllm:spec_decode_num_drafts_total", 0.0)
-            accepted = d.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
-            r["mean_accepted_length"] = 1 + accepted / drafts if drafts else None
-            steps = {k: n - k_before.get(k, 0.0) for k, n in k_after.items()}
-            steps = {k: n for k, n in steps.items() if n > 0}
-            r["auto_k_steps"] = steps
-            price = after.get("lvspec:auto_k_draft_prompt_token_seconds")  # cold requests
-            r["draft_prompt_token_us"] = price * 1e6 if price else None
-            r["mean_k"] = (sum(k * n for k, n in steps.items()) / sum(steps.values())
-                           if steps else None)
-            results.append(r)
-            print(f"[lvspec-bench serve] {mode} concurrency {c}: {r['tokens_per_s']:.1f} "
-                  f"tokens/s", flush=True)
+        results = [_measured_level(srv, args, urls, mode, c) for c in levels]
     return {"mode": mode, "speculative_config": spec, "levels": results}
+
+
+def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
+    """One level's throughput, with what /metrics counted during it."""
+    from lvspec_vllm.testing.server import SERVED_NAME
+
+    before, k_before = srv.metrics(), _k_steps(srv.base_url)
+    r = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, c,
+                           args.requests_per_level * c, args.max_tokens))
+    time.sleep(2 * PUBLISH_INTERVAL_S)  # the workers' last counts reach /metrics
+    after, k_after = srv.metrics(), _k_steps(srv.base_url)
+    drafter = _delta(after, before, "lvspec:draft_")
+    r["draft_share"] = drafter.get("lvspec:draft_seconds_total", 0.0) / r["elapsed_s"]
+    r["draft_skipped_steps"] = drafter.get("lvspec:draft_skipped_steps_total", 0.0)
+    d = _delta(after, before, "vllm:spec_decode_num")
+    drafts = d.get("vllm:spec_decode_num_drafts_total", 0.0)
+    accepted = d.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+    r["mean_accepted_length"] = 1 + accepted / drafts if drafts else None
+    steps = {k: n - k_before.get(k, 0.0) for k, n in k_after.items()}
+    steps = {k: n for k, n in steps.items() if n > 0}
+    r["auto_k_steps"] = steps
+    price = after.get("lvspec:auto_k_draft_prompt_token_seconds")  # cold requests
+    r["draft_prompt_token_us"] = price * 1e6 if price else None
+    r["mean_k"] = (sum(k * n for k, n in steps.items()) / sum(steps.values())
+                   if steps else None)
+    r.update(_latencies(after, before))
+    print(f"[lvspec-bench serve] {mode} concurrency {c}: {r['tokens_per_s']:.1f} "
+          f"tokens/s", flush=True)
+    return r
+
+
+# vLLM's per-request histograms, as a mean per level: where a request's time went (the API
+# server's preprocessing, video decoding included, is in TTFT and e2e but not in prefill).
+LATENCIES = {
+    "ttft_ms": "vllm:time_to_first_token_seconds",
+    "queue_ms": "vllm:request_queue_time_seconds",
+    "prefill_ms": "vllm:request_prefill_time_seconds",
+    "decode_ms": "vllm:request_decode_time_seconds",
+    "e2e_ms": "vllm:e2e_request_latency_seconds",
+}
+
+
+def _latencies(after: dict, before: dict) -> dict:
+    out = {}
+    for key, name in LATENCIES.items():
+        n = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+        out[key] = 1e3 * total / n if n else None
+    return out
 
 
 def _k_steps(base_url: str) -> dict[int, float]:
@@ -163,7 +189,7 @@ def median_run(reps: list[dict]) -> dict:
         same = [r["levels"][i] for r in reps]
         levels.append({**first, **{key: median(lv.get(key) for lv in same) for key in (
             "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
-            "draft_skipped_steps", "draft_prompt_token_us")},
+            "draft_skipped_steps", "draft_prompt_token_us", *LATENCIES)},
             "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
     return {**reps[0], "levels": levels, "repeats": len(reps)}
 
@@ -199,6 +225,14 @@ def markdown(runs: list[dict], header: str) -> str:
         if r["mode"] != "none":
             lines.append(f"| {r['mode']} | " + " | ".join(
                 f"{lv.get('draft_share', 0):.0%} ({lv.get('draft_skipped_steps', 0):.0f})"
+                for lv in r["levels"]) + " |")
+    if any(lv.get("e2e_ms") is not None for r in runs for lv in r["levels"]):
+        lines += ["", "per request, mean ms: time to first token / of it in prefill / decode "
+                  "(vLLM's histograms)", "", lines[4], lines[5]]
+        for r in runs:
+            lines.append(f"| {r['mode']} | " + " | ".join(
+                " / ".join("–" if lv.get(key) is None else f"{lv[key]:.0f}"
+                           for key in ("ttft_ms", "prefill_ms", "decode_ms"))
                 for lv in r["levels"]) + " |")
     return "\n".join(lines) + "\n"
 
