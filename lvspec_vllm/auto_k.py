@@ -9,7 +9,11 @@ Goodput of drafting k tokens per request at batch size B::
 ``alpha_i`` is the measured probability that draft position i is accepted given that the ones
 before it were (pooled over requests, decaying, starting from a prior). The chosen k maximises G
 (ties to the smaller k); k = 0 wins when drafting cannot pay: then no token is drafted or
-verified beyond the normal decode.
+verified beyond the normal decode. Two costs outside the steps are added per output token: a
+request's last step drafts for a step it never has, (T_B(k) - T_B(0)) / B for each request
+over the L output tokens a request emits (measured: output tokens per admitted request), which
+with short outputs is a share of drafting's cost; and with cold requests the draft's prefill
+of the requests that draft (below).
 
 ``T_B(k)`` is measured, not assumed (``StepCostModel``): around every batch size B of a grid (two
 points per doubling), a weighted least-squares fit to the step times the engine measured, each
@@ -135,10 +139,14 @@ class StepTimes:
 
 
 def goodput_table(alpha, costs, max_batch: int, k_max: int,
-                  admission=None) -> np.ndarray:
+                  admission=None, tokens_per_request: float | None = None) -> np.ndarray:
     """[max_batch + 1, k_max + 1] tokens/s for every batch size and k (row 0 unused).
     ``admission[B]``: seconds per output token that drafting adds at batch size B beyond the
-    step itself (the draft's prefill of the requests it admits), paid by every k > 0."""
+    step itself (the draft's prefill of the requests it admits), paid by every k > 0.
+    ``tokens_per_request``: output tokens a request emits (None: as if unbounded). A request's
+    last step still drafts for a next one it never has, so each request that drafts pays the
+    drafting part of one step, T(B, k) - T(B, 0) over its B rows, for no tokens; with short
+    outputs that is a share of drafting's cost that the steps alone do not show."""
     e = np.array([expected_tokens(alpha, k) for k in range(k_max + 1)])
     batch = np.arange(max_batch + 1)[:, None].astype(float)
     k = np.arange(k_max + 1)[None, :]
@@ -146,12 +154,16 @@ def goodput_table(alpha, costs, max_batch: int, k_max: int,
     per_token = t / np.maximum(batch * e[None, :], 1e-9)
     if admission is not None:
         per_token = per_token + np.asarray(admission, dtype=float)[:, None] * (k > 0)
+    if tokens_per_request:
+        per_token = per_token + np.maximum(t - t[:, :1], 0.0) / np.maximum(
+            batch * tokens_per_request, 1e-9)
     return 1.0 / np.maximum(per_token, 1e-12)
 
 
-def choose_k(alpha, costs, max_batch: int, k_max: int, admission=None) -> list[int]:
+def choose_k(alpha, costs, max_batch: int, k_max: int, admission=None,
+             tokens_per_request: float | None = None) -> list[int]:
     """Best k for every batch size 0..max_batch (index 0 unused), ties to the smaller k."""
-    g = goodput_table(alpha, costs, max_batch, k_max, admission)
+    g = goodput_table(alpha, costs, max_batch, k_max, admission, tokens_per_request)
     if isinstance(costs, StepTimes):
         g = np.where(costs.allowed(np.arange(max_batch + 1)), g, -np.inf)
     best = g.max(axis=1, keepdims=True)
@@ -492,7 +504,7 @@ class AutoK:
         # the draft's prefill timed by the drafter itself, where it reports its passes
         # (observe_draft); it takes precedence over the step-time fit's difference
         self.draft_cost = DraftPassCost(k_max)
-        self._tokens = np.zeros(2)  # decayed (prefill tokens, output tokens)
+        self._tokens = np.zeros(3)  # decayed (prefill tokens, output tokens, requests admitted)
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -513,16 +525,16 @@ class AutoK:
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
                 drafted: list[int], accepted: list[int], emitted: int | None = None,
-                share: float = 1.0, elapsed: float | None = None) -> None:
+                share: float = 1.0, elapsed: float | None = None, admitted: int = 0) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
         not a sample), per request drafts verified and accepted, output tokens emitted (None:
         not counted), the share of its decode rows that drafted (below 1 only with cold
-        requests), and its wall seconds whether a sample or not (None: as ``seconds``; the
-        engine was idle before it if both are None)."""
+        requests), its wall seconds whether a sample or not (None: as ``seconds``; the
+        engine was idle before it if both are None), and the requests it admitted."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
         self._spend(batch, k, seconds if elapsed is None else elapsed, emitted)
-        self._tokens = self._tokens * self._decay + (prefill, emitted or 0)
+        self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
         self.last_k = k
         if drafted:
             self.profile.update(drafted, accepted)
@@ -561,7 +573,7 @@ class AutoK:
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
-                                      self.k_max, self.admission)
+                                      self.k_max, self.admission, self.tokens_per_request)
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps
@@ -583,6 +595,12 @@ class AutoK:
         nudge = 1 if turn == 0 else -1
         return [up if k == 0 and cold else min(self.k_max, max(0, k + nudge))
                 for k in self.table]
+
+    @property
+    def tokens_per_request(self) -> float | None:
+        """Output tokens per admitted request (decayed sums), None before one was counted."""
+        emitted, admitted = self._tokens[1:]
+        return float(emitted / admitted) if admitted >= 1.0 and emitted > 0 else None
 
     def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
         if fitted.draft_prefill is None or self._tokens[1] <= 0:  # not priced, or no output yet

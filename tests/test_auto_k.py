@@ -435,7 +435,7 @@ def test_a_step_whose_decode_rows_lack_drafts_is_no_sample():
         out = SimpleNamespace(
             num_scheduled_tokens={r: 1 + len(d) for r, d in drafts.items()},
             total_num_scheduled_tokens=sum(1 + len(d) for d in drafts.values()),
-            num_spec_tokens_to_schedule=k,
+            num_spec_tokens_to_schedule=k, scheduled_new_reqs=[],
             scheduled_spec_decode_tokens={r: d for r, d in drafts.items() if d})
         result = SimpleNamespace(req_id_to_index={r: i for i, r in enumerate(drafts)},
                                  sampled_token_ids=[[1] * (1 + len(d)) for d in drafts.values()])
@@ -636,7 +636,8 @@ def _one_request_at_a_time(auto, price, clock, requests=120, prompt=512, output=
     for _ in range(requests):
         k = auto.next_table()[1]
         warm = k > 0
-        auto.observe(1, k, prompt, None, [], [], 1)  # after idle: no sample; its first token
+        # after idle: no sample; its first token
+        auto.observe(1, k, prompt, None, [], [], 1, admitted=1)
         if warm and clock:
             auto.observe_draft([(k, 1, prompt, 0, 0.0015 * k + price * prompt)])
         left = output - 1
@@ -707,7 +708,8 @@ def test_the_drafters_passes_reach_the_controller_on_the_steps_output():
                                 get_num_unfinished_requests=lambda: 1)
     ctl = AutoKController(scheduler, 4, price_admission=True)
     step = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1,
-                           num_spec_tokens_to_schedule=0, scheduled_spec_decode_tokens={})
+                           num_spec_tokens_to_schedule=0, scheduled_spec_decode_tokens={},
+                           scheduled_new_reqs=[])
     ctl.after_step(scheduler, step, out)
     assert ctl.auto.draft_cost.count == 1
 
@@ -812,3 +814,38 @@ def test_the_cold_engine_prints_k_per_window(capsys):
     cold_engine.main(["--steps", "600", "--window", "300"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["steps 0-299", "steps 300-599"]
+
+
+class _Flat:
+    """Step times by k alone, the same at every batch size: a drafting step's fixed part (as
+    on a 2-core CPU, where it costs more than the plain step) and a little per drafted token."""
+
+    def __init__(self, base, fixed, per_k):
+        self.base, self.fixed, self.per_k = base, fixed, per_k
+
+    def step_time(self, batch, k):
+        k = np.asarray(k)
+        return self.base + (self.fixed + self.per_k * k) * (k > 0) + 0.0 * batch
+
+
+@pytest.mark.parametrize("tokens, k", [(None, 4), (512, 4), (64, 0), (32, 0)])
+def test_a_requests_last_draft_is_paid_for_by_its_tokens(tokens, k):
+    # At one request k = 4 takes 2.7x a plain step for 2.77 tokens: 2 % faster per token. A
+    # request's last step drafts for nothing, T(4) - T(0) once per request: spread over 512
+    # output tokens drafting still pays, over 64 or 32 it does not.
+    costs = _Flat(0.004, 0.0065, 0.0001)
+    alpha = [0.7] * 4
+    assert 0.004 * expected_tokens(alpha, 4) / 0.0109 == pytest.approx(1.02, abs=0.005)
+    assert choose_k(alpha, costs, 1, 4, tokens_per_request=tokens)[1] == k
+    g = goodput_table(alpha, costs, 1, 4, tokens_per_request=tokens)
+    assert g[1, 0] == pytest.approx(1 / 0.004)  # k = 0 drafts nothing: nothing to waste
+    if tokens:
+        assert 1 / g[1, 4] == pytest.approx(0.0109 / expected_tokens(alpha, 4) + 0.0069 / tokens)
+
+
+def test_output_tokens_per_request_are_counted_from_the_steps():
+    auto = AutoK(k_max=4, max_batch=8)
+    assert auto.tokens_per_request is None
+    for i in range(400):  # a request of 10 output tokens admitted every 5th step at batch 2
+        auto.observe(2, 0, 38 if i % 5 == 0 else 0, 0.004, [], [], 2, admitted=int(i % 5 == 0))
+    assert auto.tokens_per_request == pytest.approx(10, rel=0.02)

@@ -102,7 +102,8 @@ class AutoKController:
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
         self.auto.observe_draft(draft_passes(model_runner_output))
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
-                          1.0 if share is None else share, elapsed=elapsed)
+                          1.0 if share is None else share, elapsed=elapsed,
+                          admitted=len(scheduler_output.scheduled_new_reqs))
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
@@ -154,11 +155,13 @@ class AutoKController:
             admission = self.auto.admission
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
-                "(measured near it: k %s); draft prefill per output token when drafting, "
-                "ms %s (drafter's clock: us per prompt token %s, %d passes); explorations' "
+                "(measured near it: k %s); output tokens per request %s; draft prefill per "
+                "output token when drafting, ms %s (drafter's clock: us per prompt token %s, %d passes); explorations' "
                 "cost %.1f %% of the time (budget %.1f %%); k by batch size %s; steps by k %s",
                 batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, measured,
+                "n/a" if self.auto.tokens_per_request is None
+                else round(self.auto.tokens_per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),

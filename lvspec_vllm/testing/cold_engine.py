@@ -62,7 +62,8 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         emitted = sum(1 + m for m in accepted)
         auto.observe(batch, k, 0, None if share is None else t,
                      [n for n in held if n], [m for n, m in zip(held, accepted) if n],
-                     emitted, 1.0 if share is None else share, elapsed=t)
+                     emitted, 1.0 if share is None else share, elapsed=t,
+                     admitted=len(ids) - len(decode))
         seen.append((k, share, auto.table[concurrency], t, emitted))
         for r, m in zip(decode, accepted):
             live[r][0] -= 1 + m
