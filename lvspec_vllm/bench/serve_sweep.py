@@ -159,9 +159,9 @@ LATENCIES = {
 def _latencies(after: dict, before: dict) -> dict:
     out = {}
     for key, name in LATENCIES.items():
-        n = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
-        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
-        out[key] = 1e3 * total / n if n else None
+        d = _delta(after, before, name)
+        n = d.get(f"{name}_count", 0.0)
+        out[key] = 1e3 * d.get(f"{name}_sum", 0.0) / n if n else None
     return out
 
 
