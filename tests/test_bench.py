@@ -97,7 +97,8 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
          "--target", str(tiny_models / "qwen25vl"),
          "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,lvspec-auto",
          "--concurrency", "1,4", "--requests-per-level", "2", "--max-tokens", "8", "--ramp",
-         "--out", str(out)], capture_output=True, text=True, timeout=900)
+         "--repeat", "2", "--interleave", "--out", str(out)],
+        capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
     runs = {r["mode"]: r for r in json.loads((out / "serve.json").read_text())["runs"]}
@@ -107,6 +108,18 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
         for lv in run["levels"]:
             assert lv["output_tokens"] == 8 * lv["requests"] and lv["tokens_per_s"] > 0
     assert all(lv["mean_k"] is None for lv in runs["none"]["levels"])
+    # --interleave: both servers of a round up at once, the modes taking turns at each level,
+    # so every mode's level j ran before any mode's level j + 1
+    for i in range(2):
+        rounds = [json.loads((out / f"serve-{m}-r{i}.json").read_text())["levels"]
+                  for m in runs]
+        starts = [[lv["started"] for lv in levels] for levels in rounds]
+        for j in range(2):
+            assert max(s[j] for s in starts) < min(s[j + 1] for s in starts), starts
+    # each round's speedup over none at a level, and their median
+    for lv in runs["lvspec-auto"]["levels"]:
+        assert len(lv["speedup_runs"]) == 2 and lv["speedup"] > 0
+    assert runs["none"]["levels"][0]["speedup_runs"] == [1.0, 1.0]
     # auto_k's choices are read back per level from /metrics
     auto = runs["lvspec-auto"]["levels"]
     assert sum(sum(lv["auto_k_steps"].values()) for lv in auto) > 0
@@ -146,6 +159,14 @@ def test_repeated_serve_runs_report_the_median_per_level():
     md = markdown([none, auto], "header")
     assert "| none | 100.0 [90-120] (1.00x) | 250.0 [200-300] (1.00x) |" in md
     assert "| lvspec-auto | 95.0 [80-110] (0.95x; 2.50; k 1.5) |" in md
+    # against none's rounds one by one: 80 / 100 and 110 / 120 at one request
+    paired = median_run([run("lvspec-auto", (1, 80, 1.0, 0.2), (4, 240, None, 0.1)),
+                         run("lvspec-auto", (1, 110, 2.0, 0.4), (4, 260, 0.0, 0.3))],
+                        base=[run("none", (1, 100, None, 0), (4, 300, None, 0)),
+                              run("none", (1, 120, None, 0), (4, 200, None, 0))])
+    assert paired["levels"][0]["speedup_runs"] == pytest.approx([0.8, 110 / 120])
+    assert paired["levels"][0]["speedup"] == pytest.approx((0.8 + 110 / 120) / 2)
+    assert "| lvspec-auto | 95.0 [80-110] (0.86x; 2.50; k 1.5) |" in markdown([paired], "h")
 
 
 def test_repeated_offline_runs_report_the_median_throughput_and_its_range():

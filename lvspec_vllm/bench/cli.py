@@ -229,6 +229,9 @@ def main(argv=None) -> None:
     srv.add_argument("--out", type=Path, required=True)
     srv.add_argument("--repeat", type=int, default=1,
                      help="run the modes this many times in turns; report the median per level")
+    srv.add_argument("--interleave", action="store_true",
+                     help="every mode's server up at once, the modes taking turns at each level "
+                          "(pairs them in time; needs memory for all the servers)")
     srv.add_argument("--reuse", action="store_true")
     from lvspec_vllm.bench import projection
 

@@ -2,7 +2,7 @@
 
     lvspec-bench serve --target DIR --draft DIR [--modes none,strict,lvspec,lvspec-auto]
                        [--concurrency 1,4,16,64] [--requests-per-level 2] [--k 4]
-                       [--schedule JSON] [--repeat 1] --out DIR
+                       [--schedule JSON] [--repeat 1] [--interleave] --out DIR
 
 For each mode one server is started; for each concurrency level, ``requests-per-level x
 concurrency`` chat requests (one held-out world video each, greedy, a fixed number of output
@@ -11,7 +11,9 @@ over the level's wall time. ``/metrics`` is read before and after each level: dr
 tokens, the draft's own seconds (its share of the level's wall time) and the steps it skipped,
 and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up and back down
 (1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show. With
-``--repeat N`` the modes run N times in turns and each level reports the median and the range.
+``--repeat N`` the modes run N times in turns and each level reports the median and the range,
+and its speedup over none as the median of each round's ratio. With ``--interleave`` every
+mode's server is up at once and the modes take turns at each level (``run_interleaved``).
 
 Modes: none (no speculation), strict (LVSpec strict, fixed k), lvspec (loose, fixed k),
 lvspec-k1 and lvspec-k2 (loose, k fixed at 1 or 2 whatever --k says), lvspec-schedule (loose,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -77,21 +80,28 @@ async def _level(base_url: str, served: str, urls: list[str], concurrency: int, 
                     {"type": "text", "text": "Describe this video."}]}])
             return r.usage.completion_tokens
 
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     try:
         tokens = await asyncio.gather(*(one(i) for i in range(n)))
     finally:
         await client.close()
     elapsed = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": n, "output_tokens": sum(tokens),
-            "elapsed_s": elapsed, "tokens_per_s": sum(tokens) / elapsed}
+            "started": started, "elapsed_s": elapsed, "tokens_per_s": sum(tokens) / elapsed}
 
 
 def _delta(after: dict, before: dict, prefix: str) -> dict:
     return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
 
 
-def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict:
+def _levels(args) -> list[int]:
+    levels = list(args.concurrency)
+    return levels + levels[-2::-1] if args.ramp else levels
+
+
+@contextlib.contextmanager
+def mode_server(mode: str, args, urls: list[str], out: Path, tag: str = ""):
+    """One mode's server, warmed up: (server, its speculative config)."""
     from lvspec_vllm.testing.server import SERVED_NAME, vllm_server
 
     options = SERVE_MODES[mode]
@@ -105,15 +115,35 @@ def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict
             spec["loose"] = False
         if mode.startswith("lvspec-schedule"):
             spec["num_speculative_tokens_per_batch_size"] = json.loads(args.schedule)
-    levels = list(args.concurrency)
-    if args.ramp:
-        levels = levels + levels[-2::-1]
     with vllm_server(args.target, spec, log_path=out / f"serve-{mode}{tag}.log",
                      extra_args=extra) as srv:
         # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
         asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
-        results = [_measured_level(srv, args, urls, mode, c) for c in levels]
+        yield srv, spec
+
+
+def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict:
+    """Every level on one server of this mode."""
+    with mode_server(mode, args, urls, out, tag) as (srv, spec):
+        results = [_measured_level(srv, args, urls, mode, c) for c in _levels(args)]
     return {"mode": mode, "speculative_config": spec, "levels": results}
+
+
+def run_interleaved(modes: list[str], args, urls: list[str], out: Path, tag: str = "",
+                    turn: int = 0) -> dict[str, dict]:
+    """Every mode's server up at once, the modes taking turns at each level (the order
+    rotating from level to level and from round to round), so that modes compared at a
+    level ran seconds apart, not a whole sweep apart: on a machine whose speed drifts over
+    minutes, that pairs them in time. An idle server waits on its input queue."""
+    with contextlib.ExitStack() as stack:
+        servers = {m: stack.enter_context(mode_server(m, args, urls, out, tag)) for m in modes}
+        results: dict[str, list[dict]] = {m: [] for m in modes}
+        for j, c in enumerate(_levels(args)):
+            shift = (j + turn) % len(modes)
+            for m in modes[shift:] + modes[:shift]:
+                results[m].append(_measured_level(servers[m][0], args, urls, m, c))
+    return {m: {"mode": m, "speculative_config": servers[m][1], "levels": results[m]}
+            for m in modes}
 
 
 def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
@@ -175,9 +205,11 @@ def _k_steps(base_url: str) -> dict[int, float]:
             re.findall(r'^lvspec:auto_k_steps_total\{k="(\d+)"\} (\S+)$', text, re.M)}
 
 
-def median_run(reps: list[dict]) -> dict:
+def median_run(reps: list[dict], base: list[dict] | None = None) -> dict:
     """One mode's repeats as one run: per level the median of each measure (the throughput of
-    every repeat kept beside it)."""
+    every repeat kept beside it). With ``base`` (none's repeats, round by round) also each
+    round's speedup over it at the level, and their median: a ratio of modes that ran close
+    in time, which the machine's drift between rounds does not enter."""
     import statistics
 
     def median(values):
@@ -191,6 +223,10 @@ def median_run(reps: list[dict]) -> dict:
             "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
             "draft_skipped_steps", "draft_prompt_token_us", *LATENCIES)},
             "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
+        if base is not None:
+            ratios = [lv["tokens_per_s"] / b["levels"][i]["tokens_per_s"]
+                      for lv, b in zip(same, base)]
+            levels[-1].update(speedup=median(ratios), speedup_runs=ratios)
     return {**reps[0], "levels": levels, "repeats": len(reps)}
 
 
@@ -208,7 +244,9 @@ def markdown(runs: list[dict], header: str) -> str:
             if len(each) > 1:
                 cell += f" [{min(each):.0f}-{max(each):.0f}]"
             notes = []
-            if base is not None:
+            if lv.get("speedup") is not None:
+                notes.append(f"{lv['speedup']:.2f}x")
+            elif base is not None:
                 notes.append(f"{lv['tokens_per_s'] / base['levels'][i]['tokens_per_s']:.2f}x")
             if lv["mean_accepted_length"]:
                 notes.append(f"{lv['mean_accepted_length']:.2f}")
@@ -276,24 +314,37 @@ def main(args) -> None:
     if any(m.startswith("lvspec-schedule") for m in modes) and not args.schedule:
         raise SystemExit("mode lvspec-schedule needs --schedule, e.g. '[[1, 4, 4], [5, 256, 0]]'")
     urls = _video_urls(16, out)
-    # With --repeat the modes take turns (mode by mode, then again), so a drift of the machine's
-    # speed hits every mode alike; each level reports the median over the repeats.
+    # With --repeat the modes take turns, so a drift of the machine's speed hits every mode
+    # alike; each level reports the median over the repeats. --interleave: turns per level.
     reps: dict[str, list[dict]] = {m: [] for m in modes}
     for i in range(args.repeat):
+        tag = f"-r{i}" if args.repeat > 1 else ""
+        paths = {m: out / f"serve-{m}{tag}.json" for m in modes}
+        if args.interleave:
+            if args.reuse and all(path.exists() for path in paths.values()):
+                done = {m: json.loads(path.read_text()) for m, path in paths.items()}
+            else:
+                done = run_interleaved(modes, args, urls, out, tag, turn=i)
+                for m, path in paths.items():
+                    path.write_text(json.dumps(done[m]))
+            for m in modes:
+                reps[m].append(done[m])
+            continue
         for mode in modes:
-            tag = f"-r{i}" if args.repeat > 1 else ""
-            path = out / f"serve-{mode}{tag}.json"
+            path = paths[mode]
             if args.reuse and path.exists():
                 reps[mode].append(json.loads(path.read_text()))
                 continue
             reps[mode].append(run_mode(mode, args, urls, out, tag))
             path.write_text(json.dumps(reps[mode][-1]))
-    runs = [median_run(reps[m]) for m in modes]
+    runs = [median_run(reps[m], reps.get("none")) for m in modes]
     header = (f"`vllm serve` on 127.0.0.1: target `{args.target}`, draft `{args.draft}`, "
               f"k={args.k}, {args.requests_per_level} x concurrency requests per level, "
               f"{args.max_tokens} output tokens each (greedy), dtype {args.dtype}")
     if args.repeat > 1:
-        header += f"; each mode {args.repeat} times, in turns, median [range] per level"
+        header += (f"; each mode {args.repeat} times, in turns"
+                   f"{' at every level' if args.interleave else ''}, median [range] per level, "
+                   f"speedup the median of each round's ratio to none")
     if any(m.startswith("lvspec-schedule") for m in modes):
         header += f", schedule {args.schedule}"
     if json.loads(args.lvspec_options):
