@@ -71,7 +71,7 @@ feeds it and applies the choice through vLLM's own per-batch-size k table.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -115,6 +115,8 @@ class StepTimes:
     measured: np.ndarray | None = None
     # where k = 0 was not measured, may a borrowed or extrapolated level choose a k > 0?
     guess: bool = True
+    # [len(grid), k_max + 1]: each level's standard error, from the fit's residuals
+    spread: np.ndarray | None = None
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
@@ -122,6 +124,18 @@ class StepTimes:
 
     def step_time(self, batch, k):
         return self.times[self.index(batch), k]
+
+    def cautious(self, z: float) -> StepTimes:
+        """The levels at k > 0 raised by ``z`` standard errors of their difference from the
+        level at k = 0, for choosing: no speculation is the choice that cannot lose, and a k
+        that beats it by less than its levels' noise (a few samples of a rare k, a machine
+        whose speed drifts between them) is not known to pay. Explorations go on measuring,
+        so a k that does pay is chosen once its samples bear it out."""
+        if self.spread is None or not z:
+            return self
+        se = np.sqrt(self.spread ** 2 + self.spread[:, :1] ** 2)
+        se[:, 0] = 0.0
+        return replace(self, times=self.times + z * se)
 
     def allowed(self, batch) -> np.ndarray:
         """[..., k_max + 1]: the k that may be chosen at these batch sizes: 0, and none above
@@ -233,11 +247,11 @@ class StepCostModel:
         self.ridge = ridge
         # samples farther than this many grid points weigh under 1e-3: left out of a point's fit
         self._reach = int(np.ceil(2 * width * np.sqrt(2 * np.log(1e3))))
-        # per grid point, its last fit (times, draft_prefill, measured) and whether a bucket
-        # it reads changed since
+        # per grid point, its last fit (times, draft_prefill, measured, spread) and whether a
+        # bucket it reads changed since
         n = len(self.grid)
         self._fits = (np.full((n, k_max + 1), np.nan), np.zeros(n),
-                      np.zeros((n, k_max + 1), dtype=bool))
+                      np.zeros((n, k_max + 1), dtype=bool), np.zeros((n, k_max + 1)))
         self._dirty = np.zeros(n, dtype=bool)
 
     def _bucket(self, g: int) -> np.ndarray:
@@ -273,7 +287,7 @@ class StepCostModel:
         # a grid point's fit reads only the buckets within reach, its sample ages included:
         # refit the points near a bucket that changed, keep the others' (the engine's batch
         # size moves slowly, and the fit runs in the engine's step loop)
-        times, draft_prefill, measured = self._fits
+        times, draft_prefill, measured, spread = self._fits
         stale = np.zeros(len(self.grid), dtype=bool)
         for i in np.flatnonzero(self._dirty):
             stale[max(0, i - self._reach):i + self._reach + 1] = True
@@ -285,7 +299,7 @@ class StepCostModel:
                     buckets[j] = self._bucket(j)
         for g in np.flatnonzero(stale):
             b0 = self.grid[g]
-            times[g], draft_prefill[g], measured[g] = np.nan, 0.0, False
+            times[g], draft_prefill[g], measured[g], spread[g] = np.nan, 0.0, False, 0.0
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
             batch, k, prefill, t, number, share = np.concatenate(
                 [buckets[i] for i in near]).T
@@ -326,6 +340,7 @@ class StepCostModel:
             slope, slope_k = coef[2 * n - 1], coef[2 * n]
             level = level + (slope + slope_k * ks) * (b0 - centre)
             times[g] = _fill_unseen(level, seen)
+            spread[g] = _level_spread(coef, k, share, np.stack(columns), w, t, seen, times[g])
             if self.split_prefill:
                 # both sides need prefill samples of their own, or the difference is the
                 # whole prefill's cost (an absent column's coefficient is 0)
@@ -341,7 +356,7 @@ class StepCostModel:
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
         return StepTimes(self.grid, times[fitted][nearest],
                          draft_prefill[fitted][nearest] if self.split_prefill else None,
-                         measured.copy(), self.guess)
+                         measured.copy(), self.guess, spread[fitted][nearest])
 
 
 class DraftPassCost:
@@ -451,6 +466,26 @@ def decode_share(k: int, previous_k: int, drafts: list[int], cold: bool) -> floa
     return None
 
 
+def _level_spread(coef, k, share, cols, w, t, seen, level) -> np.ndarray:
+    """Each level's standard error at a grid point: the fit's relative residual spread, pooled
+    over every k (one k's few samples alone would fit themselves), times the level, over the
+    square root of that k's effective sample count (its Gaussian- and age-weighted samples).
+    A k without samples of its own takes the largest of the measured ones'."""
+    n = len(level)
+    f = np.concatenate([[0.0], coef[1:n]])[k]
+    v = np.concatenate([[0.0], coef[n:2 * n - 1]])[k]
+    predicted = coef[0] + f + share * v + coef[2 * n - 1:] @ cols
+    relative = (t - predicted) / np.maximum(predicted, 1e-6)
+    # degrees of freedom: the effective sample count less the fitted levels and columns
+    total = w.sum() ** 2 / max((w * w).sum(), 1e-12)
+    fitted = 2 * int(seen.sum()) - 1 + len(cols)
+    cv2 = (w * relative ** 2).sum() / w.sum() * total / max(total - fitted, 1.0)
+    sums, squares = np.bincount(k, w, minlength=n), np.bincount(k, w * w, minlength=n)
+    effective = np.where(squares > 0, sums ** 2 / np.maximum(squares, 1e-12), 0.0)
+    se = np.sqrt(cv2) * level / np.sqrt(np.maximum(effective, 1e-12))
+    return np.where(seen, se, se[seen].max())
+
+
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Levels of the k without samples, linearly from the nearest two seen k (inside the seen
     range: between its neighbours; outside: the end's slope), then non-decreasing in k:
@@ -484,6 +519,9 @@ class AutoK:
     # explorations may cost this share of the engine's time (decayed by budget_decay per step)
     explore_budget = 0.03
     budget_decay = 0.999
+    # a k > 0 is chosen only if it pays with its step costs this many standard errors above
+    # the fit (StepTimes.cautious)
+    caution = 1.0
 
     def __init__(self, k_max: int, max_batch: int, explore_every: int = 16,
                  calibration_steps: int = 48, price_admission: bool = False,
@@ -572,8 +610,9 @@ class AutoK:
             self.fitted = self.costs.fit() or self.fitted
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
-                self.table = choose_k(self.profile.alpha(), self.fitted, self.max_batch,
-                                      self.k_max, self.admission, self.tokens_per_request)
+                self.table = choose_k(self.profile.alpha(), self.fitted.cautious(self.caution),
+                                      self.max_batch, self.k_max, self.admission,
+                                      self.tokens_per_request)
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps

@@ -849,3 +849,46 @@ def test_output_tokens_per_request_are_counted_from_the_steps():
     for i in range(400):  # a request of 10 output tokens admitted every 5th step at batch 2
         auto.observe(2, 0, 38 if i % 5 == 0 else 0, 0.004, [], [], 2, admitted=int(i % 5 == 0))
     assert auto.tokens_per_request == pytest.approx(10, rel=0.02)
+
+
+def _noisy_steps(model, rng, batch, k, seconds, n, cv):
+    for _ in range(n):
+        model.add(batch, k, seconds * (1 + cv * rng.standard_normal()))
+
+
+@pytest.mark.parametrize("cv", [0.05, 0.2])
+def test_the_levels_standard_errors_follow_the_noise_and_the_sample_count(cv):
+    rng = np.random.default_rng(0)
+    model = StepCostModel(4, 64, min_samples=8, window=256, half_life=1e9)
+    _noisy_steps(model, rng, 32, 0, 0.030, 200, cv)
+    _noisy_steps(model, rng, 32, 4, 0.080, 20, cv)
+    fitted = model.fit()
+    se = fitted.spread[fitted.index(32)]
+    # the relative spread pooled over every k, over the square root of each k's samples
+    assert se[0] == pytest.approx(cv * 0.030 / np.sqrt(200), rel=0.25)
+    assert se[4] == pytest.approx(cv * 0.080 / np.sqrt(20), rel=0.25)
+    assert se[1] == se[2] == se[3] == max(se[0], se[4])  # not measured: the larger one's
+    # noise-free steps leave nothing to be cautious about
+    exact = StepCostModel(4, 64, min_samples=8)
+    _noisy_steps(exact, rng, 32, 0, 0.030, 40, 0.0)
+    _noisy_steps(exact, rng, 32, 4, 0.080, 40, 0.0)
+    fitted = exact.fit()
+    assert np.allclose(fitted.cautious(1.0).times, fitted.times)
+
+
+def test_a_k_that_beats_no_speculation_by_less_than_its_noise_waits_for_more_samples():
+    # At 64 requests a step at k = 0 takes 36.8 ms, one at k = 2 about 80 (s23's log line at 60):
+    # with E(2) = 2.31, k = 2 breaks even at 85 ms. Two samples of k = 2 at 75 and 80 ms say
+    # it pays by 9 %, within what the steps' 15 % noise makes of two samples; sixty more say
+    # it pays, and then drafting is chosen.
+    rng = np.random.default_rng(1)
+    alpha = [0.75, 0.75]
+    model = StepCostModel(2, 64, min_samples=8, window=256, half_life=1e9)
+    _noisy_steps(model, rng, 64, 0, 0.0368, 60, 0.15)
+    model.add(64, 2, 0.075)
+    model.add(64, 2, 0.080)
+    fitted = model.fit()
+    assert choose_k(alpha, fitted, 64, 2)[64] > 0  # the point estimates alone (k = 1 between)
+    assert choose_k(alpha, fitted.cautious(1.0), 64, 2)[64] == 0
+    _noisy_steps(model, rng, 64, 2, 0.0775, 60, 0.15)
+    assert choose_k(alpha, model.fit().cautious(1.0), 64, 2)[64] > 0

@@ -152,15 +152,19 @@ class AutoKController:
                 for t in fitted.step_time(batch, np.arange(self.auto.k_max + 1))]
             measured = "n/a" if fitted is None or fitted.measured is None else \
                 np.flatnonzero(fitted.measured[fitted.index(batch)]).tolist()
+            spread = "n/a" if fitted is None or fitted.spread is None else [
+                round(float(t) * 1e3, 2) for t in fitted.spread[fitted.index(batch)]]
             admission, per_request = self.auto.admission, self.auto.tokens_per_request
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
-                "(measured near it: k %s); output tokens per request %s; draft prefill per "
+                "(standard errors %s; measured near it: k %s); output tokens per request %s; "
+                "draft prefill per "
                 "output token when drafting, ms %s (drafter's clock: us per prompt token %s, "
                 "%d passes); explorations' cost %.1f %% of the time (budget %.1f %%); k by "
                 "batch size %s; steps by k %s",
                 batch, self.last_k,
-                [round(float(a), 2) for a in self.auto.profile.alpha()], costs, measured,
+                [round(float(a), 2) for a in self.auto.profile.alpha()], costs, spread,
+                measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
