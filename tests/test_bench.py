@@ -133,6 +133,12 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
         assert 0 < lv["prefill_ms"] and 0 < lv["decode_ms"], lv
         assert lv["prefill_ms"] <= lv["ttft_ms"] <= lv["e2e_ms"], lv
     assert "time to first token" in (out / "serve.md").read_text()
+    # where the CPU went, per level, and how many requests were inside vLLM on average
+    for lv in auto + runs["none"]["levels"]:
+        cpu = lv["cpu_s"]
+        assert cpu["client"] > 0 and cpu["api_server"] > 0 and cpu["worker"] > 0, cpu
+        assert 0 < lv["in_engine"] <= lv["concurrency"] * 1.05, lv
+    assert "Little's law" in (out / "serve.md").read_text()
     for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

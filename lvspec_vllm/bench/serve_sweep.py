@@ -9,7 +9,10 @@ concurrency`` chat requests (one held-out world video each, greedy, a fixed numb
 tokens) are sent by that many concurrent clients, and output tokens/s is the completion tokens
 over the level's wall time. ``/metrics`` is read before and after each level: drafts, accepted
 tokens, the draft's own seconds (its share of the level's wall time) and the steps it skipped,
-and under ``auto_k`` the steps per chosen k. With ``--ramp`` the levels run up and back down
+and under ``auto_k`` the steps per chosen k; vLLM's latency histograms give per level where a
+request's time went, and by Little's law how many requests were inside vLLM on average; the
+CPU seconds of the client and of the server's processes (API server, engine core, worker) give
+where the level's CPU went. With ``--ramp`` the levels run up and back down
 (1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show. With
 ``--repeat N`` the modes run N times in turns and each level reports the median and the range,
 and its speedup over none as the median of each round's ratio. With ``--interleave`` every
@@ -151,10 +154,13 @@ def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
     from lvspec_vllm.testing.server import SERVED_NAME
 
     before, k_before = srv.metrics(), _k_steps(srv.base_url)
+    cpu_before = _cpu_seconds(srv.process.pid)
     r = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, c,
                            args.requests_per_level * c, args.max_tokens))
+    cpu_after = _cpu_seconds(srv.process.pid)
     time.sleep(2 * PUBLISH_INTERVAL_S)  # the workers' last counts reach /metrics
     after, k_after = srv.metrics(), _k_steps(srv.base_url)
+    r["cpu_s"] = {part: cpu_after[part] - cpu_before.get(part, 0.0) for part in cpu_after}
     drafter = _delta(after, before, "lvspec:draft_")
     r["draft_share"] = drafter.get("lvspec:draft_seconds_total", 0.0) / r["elapsed_s"]
     r["draft_skipped_steps"] = drafter.get("lvspec:draft_skipped_steps_total", 0.0)
@@ -170,6 +176,10 @@ def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
     r["mean_k"] = (sum(k * n for k, n in steps.items()) / sum(steps.values())
                    if steps else None)
     r.update(_latencies(after, before))
+    # Little's law: requests inside vLLM (arrival to finish) on average over the level; below
+    # the concurrency, the clients' requests spent the rest in the HTTP path and the media
+    # decoding before vLLM's clock starts, or in the client
+    r["in_engine"] = r["requests"] * r["e2e_ms"] / 1e3 / r["elapsed_s"] if r["e2e_ms"] else None
     print(f"[lvspec-bench serve] {mode} concurrency {c}: {r['tokens_per_s']:.1f} "
           f"tokens/s", flush=True)
     return r
@@ -192,6 +202,30 @@ def _latencies(after: dict, before: dict) -> dict:
         d = _delta(after, before, name)
         n = d.get(f"{name}_count", 0.0)
         out[key] = 1e3 * d.get(f"{name}_sum", 0.0) / n if n else None
+    return out
+
+
+# a server's processes by their names' prefixes (the API server is the root)
+CPU_PARTS = {"VLLM::EngineCor": "engine_core", "VLLM::Worker": "worker"}
+
+
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this client process and of the server's process
+    tree by part: client, api_server, engine_core, worker, other. On a host whose CPUs they
+    share, this is where a level's CPU went."""
+    import psutil
+
+    out = {"client": time.process_time(), "api_server": 0.0, "engine_core": 0.0,
+           "worker": 0.0, "other": 0.0}
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times, name = proc.cpu_times(), proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        part = "api_server" if proc.pid == pid else next(
+            (v for k, v in CPU_PARTS.items() if name.startswith(k)), "other")
+        out[part] += times.user + times.system
     return out
 
 
@@ -221,8 +255,11 @@ def median_run(reps: list[dict], base: list[dict] | None = None) -> dict:
         same = [r["levels"][i] for r in reps]
         levels.append({**first, **{key: median(lv.get(key) for lv in same) for key in (
             "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
-            "draft_skipped_steps", "draft_prompt_token_us", *LATENCIES)},
+            "draft_skipped_steps", "draft_prompt_token_us", "in_engine", *LATENCIES)},
             "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
+        cpu = [lv["cpu_s"] for lv in same if lv.get("cpu_s")]
+        if cpu:  # per part, the median over the repeats
+            levels[-1]["cpu_s"] = {part: median(c.get(part) for c in cpu) for part in cpu[0]}
         if base is not None:
             ratios = [lv["tokens_per_s"] / b["levels"][i]["tokens_per_s"]
                       for lv, b in zip(same, base)]
@@ -272,6 +309,21 @@ def markdown(runs: list[dict], header: str) -> str:
                 " / ".join("–" if lv.get(key) is None else f"{lv[key]:.0f}"
                            for key in ("ttft_ms", "prefill_ms", "decode_ms"))
                 for lv in r["levels"]) + " |")
+    if any(lv.get("cpu_s") for r in runs for lv in r["levels"]):
+        lines += ["", "per request, CPU ms: the client / vLLM's API server / engine core / "
+                  "worker; requests inside vLLM on average (Little's law, of the concurrency)",
+                  "", lines[4], lines[5]]
+        for r in runs:
+            cells = []
+            for lv in r["levels"]:
+                cpu = lv.get("cpu_s") or {}
+                cell = " / ".join("–" if cpu.get(part) is None else
+                                  f"{1e3 * cpu[part] / lv['requests']:.0f}"
+                                  for part in ("client", "api_server", "engine_core", "worker"))
+                if lv.get("in_engine") is not None:
+                    cell += f"; {lv['in_engine']:.1f}"
+                cells.append(cell)
+            lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
