@@ -97,7 +97,8 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
          "--target", str(tiny_models / "qwen25vl"),
          "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,lvspec-auto",
          "--concurrency", "1,4", "--requests-per-level", "2", "--max-tokens", "8", "--ramp",
-         "--repeat", "2", "--interleave", "--out", str(out)],
+         "--repeat", "2", "--interleave", "--server-env", "VLLM_ENABLE_V1_MULTIPROCESSING=0",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
@@ -136,9 +137,12 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
     # where the CPU went, per level, and how many requests were inside vLLM on average
     for lv in auto + runs["none"]["levels"]:
         cpu = lv["cpu_s"]
-        assert cpu["client"] > 0 and cpu["api_server"] > 0 and cpu["worker"] > 0, cpu
+        # --server-env reached the server: the model ran in the engine core, no worker process
+        assert cpu["client"] > 0 and cpu["api_server"] > 0 and cpu["engine_core"] > 0, cpu
+        assert cpu["worker"] == 0, cpu
         assert 0 < lv["in_engine"] <= lv["concurrency"] * 1.05, lv
     assert "Little's law" in (out / "serve.md").read_text()
+    assert "server environment `VLLM_ENABLE_V1_MULTIPROCESSING=0`" in (out / "serve.md").read_text()
     for png in ("throughput.png", "k_chosen.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -232,6 +232,13 @@ def main(argv=None) -> None:
     srv.add_argument("--interleave", action="store_true",
                      help="every mode's server up at once, the modes taking turns at each level "
                           "(pairs them in time; needs memory for all the servers)")
+    srv.add_argument("--server-args", default="",
+                     help="more `vllm serve` arguments for every mode's server, e.g. "
+                          "'--distributed-executor-backend uni'")
+    srv.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                     help="environment of every mode's server, e.g. "
+                          "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the model in the engine core's "
+                          "process, no worker process); repeatable")
     srv.add_argument("--reuse", action="store_true")
     from lvspec_vllm.bench import projection
 

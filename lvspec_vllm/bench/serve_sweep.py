@@ -32,6 +32,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def mode_server(mode: str, args, urls: list[str], out: Path, tag: str = ""):
     options = SERVE_MODES[mode]
     spec = None
     extra = ["--max-num-seqs", str(max(args.concurrency)), "--dtype", args.dtype,
-             "--max-model-len", "1024", "--no-enable-prefix-caching"]
+             "--max-model-len", "1024", "--no-enable-prefix-caching",
+             *shlex.split(args.server_args)]
     if options is not None:
         spec = {"method": "lvspec", "model": args.draft, "num_speculative_tokens": args.k,
                 **json.loads(args.lvspec_options), **options}
@@ -118,8 +120,9 @@ def mode_server(mode: str, args, urls: list[str], out: Path, tag: str = ""):
             spec["loose"] = False
         if mode.startswith("lvspec-schedule"):
             spec["num_speculative_tokens_per_batch_size"] = json.loads(args.schedule)
+    env = dict(item.split("=", 1) for item in args.server_env)
     with vllm_server(args.target, spec, log_path=out / f"serve-{mode}{tag}.log",
-                     extra_args=extra) as srv:
+                     extra_args=extra, env=env) as srv:
         # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
         asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
         yield srv, spec
@@ -360,6 +363,9 @@ def main(args) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
+    bad = [item for item in args.server_env if "=" not in item]
+    if bad:
+        raise SystemExit(f"--server-env takes KEY=VALUE, got {bad[0]!r}")
     unknown = [m for m in modes if m not in SERVE_MODES]
     if unknown:
         raise SystemExit(f"unknown serve mode {unknown[0]!r}; modes: {', '.join(SERVE_MODES)}")
@@ -399,6 +405,10 @@ def main(args) -> None:
                    f"speedup the median of each round's ratio to none")
     if any(m.startswith("lvspec-schedule") for m in modes):
         header += f", schedule {args.schedule}"
+    if args.server_args:
+        header += f", server arguments `{args.server_args}`"
+    if args.server_env:
+        header += f", server environment `{' '.join(args.server_env)}`"
     if json.loads(args.lvspec_options):
         header += f", LVSpec options {args.lvspec_options}"
     md = markdown(runs, header)
