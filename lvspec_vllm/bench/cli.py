@@ -234,7 +234,7 @@ def main(argv=None) -> None:
                           "(pairs them in time; needs memory for all the servers)")
     srv.add_argument("--server-args", default="",
                      help="more `vllm serve` arguments for every mode's server, e.g. "
-                          "'--distributed-executor-backend uni'")
+                          "'--max-num-batched-tokens 4096'")
     srv.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                      help="environment of every mode's server, e.g. "
                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the model in the engine core's "

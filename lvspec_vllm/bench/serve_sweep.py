@@ -2,7 +2,8 @@
 
     lvspec-bench serve --target DIR --draft DIR [--modes none,strict,lvspec,lvspec-auto]
                        [--concurrency 1,4,16,64] [--requests-per-level 2] [--k 4]
-                       [--schedule JSON] [--repeat 1] [--interleave] --out DIR
+                       [--schedule JSON] [--repeat 1] [--interleave]
+                       [--server-args ARGS] [--server-env KEY=VALUE ...] --out DIR
 
 For each mode one server is started; for each concurrency level, ``requests-per-level x
 concurrency`` chat requests (one held-out world video each, greedy, a fixed number of output
