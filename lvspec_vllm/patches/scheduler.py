@@ -158,10 +158,9 @@ class AutoKController:
             logger.info(
                 "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
                 "(standard errors %s; measured near it: k %s); output tokens per request %s; "
-                "draft prefill per "
-                "output token when drafting, ms %s (drafter's clock: us per prompt token %s, "
-                "%d passes); explorations' cost %.1f %% of the time (budget %.1f %%); k by "
-                "batch size %s; steps by k %s",
+                "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
+                "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
+                "%.1f %%); k by batch size %s; steps by k %s",
                 batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, spread,
                 measured,
