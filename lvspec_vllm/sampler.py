@@ -125,7 +125,8 @@ class LVSpecRejectionSampler(RejectionSampler):
         a tenth of a small model's step. With logprobs asked for, vLLM's own path."""
         if sampling_metadata.max_num_logprobs is not None:
             return super().forward(metadata, None, logits, sampling_metadata)
-        out = self.sampler(logits=logits[metadata.bonus_logits_indices],
+        # without drafts each request has one logits row, its bonus row, in order: no gather
+        out = self.sampler(logits=logits,
                            sampling_metadata=sampling_metadata, predict_bonus_token=True)
         return SamplerOutput(sampled_token_ids=out.sampled_token_ids.to(torch.int32),
                              logprobs_tensors=None)
