@@ -70,6 +70,7 @@ feeds it and applies the choice through vLLM's own per-batch-size k table.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -516,6 +517,12 @@ class AutoK:
     hold = 4
     cold_hold = 4  # steps of an exploration from k = 0 with cold requests (see next_table)
     refit_every = 16
+    # None: refit every refit_every steps. A share: also wait until the engine's time since
+    # the last fit is that fit's own duration over the share, so that the fit, which runs in
+    # the engine's step loop, takes at most that share of it (a fit of a few ms every 16 steps
+    # of 5 ms is 3 % of a small model's engine on a 2-core CPU; the controller sets 1 %)
+    fit_budget: float | None = None
+    clock = staticmethod(time.perf_counter)
     # explorations may cost this share of the engine's time (decayed by budget_decay per step)
     explore_budget = 0.03
     budget_decay = 0.999
@@ -560,6 +567,9 @@ class AutoK:
         self._turns = 0             # turns that explored, this one included
         self._decided = -1          # the step the current turn was decided at
         self._explored_last = False
+        self.fit_seconds = 0.0     # the last fit's duration (clock)
+        self._since_fit = 0.0       # the engine's seconds since then (observed steps)
+        self.fits = 0
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
                 drafted: list[int], accepted: list[int], emitted: int | None = None,
@@ -571,7 +581,9 @@ class AutoK:
         engine was idle before it if both are None), and the requests it admitted."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
-        self._spend(batch, k, seconds if elapsed is None else elapsed, emitted)
+        wall = seconds if elapsed is None else elapsed
+        self._spend(batch, k, wall, emitted)
+        self._since_fit += wall or 0.0
         self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
         self.last_k = k
         if drafted:
@@ -605,9 +617,13 @@ class AutoK:
         if self.steps < self.calibration_steps:
             k = self.calibration_ks[(self.steps // self.hold) % len(self.calibration_ks)]
             return [k] * (self.max_batch + 1)
-        # refit and choose every refit_every steps: this runs in the engine's step loop
-        if self.steps % self.refit_every == 0 or self.fitted is None:
+        # refit and choose every refit_every steps (within the fit's budget): this runs in
+        # the engine's step loop
+        if self.fitted is None or (self.steps % self.refit_every == 0 and self._fit_due()):
+            started = self.clock()
             self.fitted = self.costs.fit() or self.fitted
+            self.fit_seconds, self._since_fit = self.clock() - started, 0.0
+            self.fits += 1
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 self.table = choose_k(self.profile.alpha(), self.fitted.cautious(self.caution),
@@ -634,6 +650,9 @@ class AutoK:
         nudge = 1 if turn == 0 else -1
         return [up if k == 0 and cold else min(self.k_max, max(0, k + nudge))
                 for k in self.table]
+
+    def _fit_due(self) -> bool:
+        return self.fit_budget is None or self._since_fit * self.fit_budget >= self.fit_seconds
 
     @property
     def tokens_per_request(self) -> float | None:

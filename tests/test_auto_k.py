@@ -271,6 +271,47 @@ def test_closed_loop_on_a_roofline_engine_under_a_ramp(alpha):
     assert min(theirs) <= 0.90, theirs
 
 
+class _FitClock:
+    """AutoK.clock for a fit that takes ``cost`` seconds: it reads the clock before and after."""
+
+    def __init__(self, cost):
+        self.cost, self.t, self.reads = cost, 0.0, 0
+
+    def __call__(self):
+        self.reads += 1
+        self.t += self.cost if self.reads % 2 == 0 else 0.0
+        return self.t
+
+
+def _ramp(alpha, fit_cost=None):
+    true, rng = _Roofline(), random.Random(3)
+    auto = AutoK(k_max=8, max_batch=256)
+    if fit_cost is not None:
+        auto.fit_budget, auto.clock = 0.01, _FitClock(fit_cost)
+    engine = 0.0
+    for level in (1, 4, 16, 64, 256, 64, 16, 4, 1):
+        for _ in range(300):
+            batch = max(1, min(256, int(level * rng.uniform(0.7, 1.3))))
+            engine += _engine_step(auto, true, batch, alpha, rng)[1]
+    goodput = goodput_table([alpha] * 8, true, 256, 8)
+    return auto, engine, [goodput[b, auto.table[b]] / goodput[b].max() for b in (1, 4, 16, 64, 256)]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.95])
+def test_the_fit_takes_at_most_its_budget_of_the_engines_time(alpha):
+    """The fit runs in the engine's step loop. Where it is dear (here 20 ms, about one step)
+    it waits until the engine ran a hundred times its cost since the last one: about a fifth of
+    the fits, 1 % of the engine's time, and the same choices within 3 %. Where it is cheap the
+    budget changes nothing."""
+    unlimited, _, _ = _ramp(alpha)
+    auto, engine, ours = _ramp(alpha, fit_cost=0.02)
+    assert auto.fits * 0.02 <= 0.01 * engine + 0.02 * 2
+    assert auto.fits < unlimited.fits / 3
+    assert min(ours) >= 0.97, (auto.table, ours)
+    cheap, _, _ = _ramp(alpha, fit_cost=0.0)
+    assert cheap.fits == unlimited.fits and cheap.table == unlimited.table
+
+
 def test_explorations_take_turns_one_more_one_less_and_no_speculation():
     auto = AutoK(k_max=4, max_batch=8, calibration_steps=0, explore_every=16)
     auto.table = [3] * 9  # no samples: the fit keeps this table

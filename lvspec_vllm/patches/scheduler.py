@@ -43,6 +43,8 @@ from lvspec_vllm.patches.runner_output import draft_passes
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
 TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
+# the share of the engine's time auto_k's fit may take (AutoK.fit_budget)
+FIT_BUDGET = 0.01
 
 
 class AutoKController:
@@ -51,6 +53,7 @@ class AutoKController:
     def __init__(self, scheduler, k_max: int, price_admission: bool = False):
         self.max_batch = scheduler.scheduler_config.max_num_seqs
         self.auto = AutoK(k_max, self.max_batch, price_admission=price_admission)
+        self.auto.fit_budget = FIT_BUDGET
         self.cold = price_admission  # draft_cold_requests: some decode rows never draft
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
@@ -160,7 +163,7 @@ class AutoKController:
                 "(standard errors %s; measured near it: k %s); output tokens per request %s; "
                 "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
                 "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
-                "%.1f %%); k by batch size %s; steps by k %s",
+                "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
                 batch, self.last_k,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, spread,
                 measured,
@@ -168,7 +171,8 @@ class AutoKController:
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),
-                100 * self.auto.explore_budget, self.auto.table[1:65], dict(self.steps_by_k))
+                100 * self.auto.explore_budget, self.auto.fits, self.auto.fit_seconds * 1e3,
+                self.auto.table[1:65], dict(self.steps_by_k))
 
 
 def _controller(scheduler) -> AutoKController | None:
