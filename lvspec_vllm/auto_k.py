@@ -567,7 +567,7 @@ class AutoK:
         self._turns = 0             # turns that explored, this one included
         self._decided = -1          # the step the current turn was decided at
         self._explored_last = False
-        self.fit_seconds = 0.0     # the last fit's duration (clock)
+        self.fit_seconds = 0.0      # the last fit's duration (clock)
         self._since_fit = 0.0       # the engine's seconds since then (observed steps)
         self.fits = 0
 

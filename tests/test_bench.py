@@ -243,7 +243,6 @@ def test_auto_k_cost_prints_microseconds_per_step(capsys):
     assert all(float(line.split()[2]) > 0 for line in lines)
 
 
-
 def test_step_phases_times_vllms_phases_per_step(tmp_path):
     """The world pair (committed), no speculation against a speculative engine at k = 0: the
     same steps and tokens, each phase's time per step, the spec-decode phases in k0 only."""
