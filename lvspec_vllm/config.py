@@ -103,6 +103,14 @@ class LVSpecConfig:
                                             "for it in later steps); its outputs are the "
                                             "target's. Needs draft_catch_up, and auto_k or a "
                                             "schedule with k = 0; not with async scheduling.")
+    plain_k0_steps: bool = _opt(True, "A step with k = 0 that verifies no drafts, and in which "
+                                      "the draft runs no forward, takes vLLM's plain path (no "
+                                      "spec-decode metadata, vLLM's sampler, no drafter call), "
+                                      "as in an engine without speculation. Applies with "
+                                      "draft_catch_up or a schedule that never drafts, without "
+                                      "async scheduling, pipeline or data parallelism, KV "
+                                      "transfer or hybrid models. false: vLLM's speculative "
+                                      "path in every step.")
 
     # ------------------------------------------------------------------------------------------
     @classmethod

@@ -93,7 +93,8 @@ class LVSpecRejectionSampler(RejectionSampler):
             with open(os.environ[ANCHOR_LABELS_ENV]) as f:
                 self._labels = frozenset(json.load(f))
         if os.environ.get(metrics.ENV) and _is_first_tp_rank():
-            self._publisher = metrics.MetricsPublisher(COUNTERS, os.environ[metrics.ENV])
+            self._publisher = metrics.MetricsPublisher(COUNTERS, os.environ[metrics.ENV],
+                                                       gauges=self.gauges)
         logger.info("LVSpec rejection sampler installed (verification: %s)",
                     lvspec_config.describe())
 
@@ -286,11 +287,10 @@ class LVSpecRejectionSampler(RejectionSampler):
         self.publish_metrics()
 
     def publish_metrics(self) -> None:
-        """Hand the counters and gauges to the publisher (a non-blocking copy; its thread
-        writes them out). Also called by the drafter in steps that verify nothing (k = 0),
-        whose drafter counts still move."""
+        """Hand the counters to the publisher (a non-blocking copy; its thread reads the
+        gauges, the drafter's counts among them, and writes both out)."""
         if self._publisher is not None:
-            self._publisher.publish(self.counts, self.gauges())
+            self._publisher.publish(self.counts)
 
     def gauges(self) -> dict[str, float]:
         keys = self.relevance.key_bytes() if self.relevance is not None else 0
@@ -303,6 +303,7 @@ class LVSpecRejectionSampler(RejectionSampler):
                 "draft_pruned_visual_tokens": drafted.get("pruned_visual_tokens", 0),
                 "draft_seconds": drafted.get("draft_us", 0) / 1e6,
                 "draft_skipped_steps": drafted.get("skipped_passes", 0),
+                "draft_plain_steps": drafted.get("plain_steps", 0),
                 "draft_deferred_tokens": drafted.get("deferred_tokens", 0),
                 "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0),
                 "draft_cold_requests": drafted.get("cold_requests", 0)}

@@ -245,21 +245,25 @@ def test_auto_k_cost_prints_microseconds_per_step(capsys):
 
 def test_step_phases_times_vllms_phases_per_step(tmp_path):
     """The world pair (committed), no speculation against a speculative engine at k = 0: the
-    same steps and tokens, each phase's time per step, the spec-decode phases in k0 only."""
+    same steps and tokens, each phase's time per step; its k = 0 steps take vLLM's plain path
+    (no spec-decode metadata, no drafter call) unless plain_k0_steps is off."""
     out = tmp_path / "phases.json"
     world = "lvspec_vllm/world/checkpoints"
     proc = subprocess.run(
         [sys.executable, "-m", "lvspec_vllm.bench.step_phases", "--target", f"{world}/target",
-         "--draft", f"{world}/draft", "--modes", "none,k0", "--rounds", "1", "--repeat", "1",
+         "--draft", f"{world}/draft", "--modes", "none,k0,k0-spec-path", "--rounds", "1", "--repeat", "1",
          "--max-tokens", "6", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())
-    none, k0 = runs["none"][0], runs["k0"][0]
-    assert none["output_tokens"] == k0["output_tokens"] == 16 * 6
-    assert none["steps"] == k0["steps"] > 0
-    for run in (none, k0):
+    none, k0, spec_path = runs["none"][0], runs["k0"][0], runs["k0-spec-path"][0]
+    assert none["output_tokens"] == k0["output_tokens"] == spec_path["output_tokens"] == 16 * 6
+    assert none["steps"] == k0["steps"] == spec_path["steps"] > 0
+    for run in (none, k0, spec_path):
         step = run["seconds"]["EngineCore.step"]
         assert 0 < run["seconds"]["GPUModelRunner._model_forward"] < step <= run["elapsed_s"]
-    assert "GPUModelRunner._calc_spec_decode_metadata" not in none["seconds"]
-    assert k0["seconds"]["GPUModelRunner._calc_spec_decode_metadata"] > 0
+    for phase in ("_calc_spec_decode_metadata", "propose_draft_token_ids",
+                  "_copy_draft_token_ids_to_cpu"):
+        assert f"GPUModelRunner.{phase}" not in none["seconds"]
+        assert f"GPUModelRunner.{phase}" not in k0["seconds"]
+        assert spec_path["seconds"][f"GPUModelRunner.{phase}"] > 0
     assert "| GPUModelRunner._model_forward |" in proc.stdout and "| steps |" in proc.stdout

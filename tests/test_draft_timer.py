@@ -65,6 +65,20 @@ def test_cuda_timer_reads_only_finished_calls_and_never_waits(monkeypatch):
     assert timer._pending == []
 
 
+def test_cuda_timer_read_during_a_call_leaves_that_call_alone(monkeypatch):
+    # the metrics publisher's thread reads total_us while the step may be inside a call,
+    # whose end event is not recorded yet
+    monkeypatch.setattr(timing.torch.cuda, "Event", _FakeEvent)
+    _FakeEvent.clock, _FakeEvent.done_until = 0.0, 100.0
+    timer = StepTimer(torch.device("cuda", 0))
+    with timer:  # events at 1-2
+        pass
+    with timer:  # start at 3; its end is recorded on exit
+        assert timer.total_us() == 1_000
+        assert len(timer._pending) == 1
+    assert timer.total_us() == 2_000 and timer._pending == []
+
+
 def test_noted_calls_become_samples_only_when_kept():
     timer = StepTimer("cpu")
     with timer:

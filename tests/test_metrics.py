@@ -28,6 +28,23 @@ def test_published_counts_reach_prometheus_text(tmp_path):
         in text
 
 
+def test_the_publishers_thread_reads_the_gauges(tmp_path):
+    # the step only copies the counters; the gauges are read when the thread writes
+    state = {"live_request_states": 3}
+    pub = MetricsPublisher(COUNTERS, str(tmp_path), gauges=lambda: dict(state))
+    pub.publish(torch.zeros(len(COUNTERS), dtype=torch.int64))
+    registry = CollectorRegistry()
+    registry.register(LVSpecCollector(str(tmp_path)))
+    for expected in (3, 0):
+        state["live_request_states"] = expected
+        deadline = time.time() + 5
+        while f"lvspec:live_request_states {float(expected)}" not in \
+                (text := generate_latest(registry).decode()):
+            assert time.time() < deadline, text
+            time.sleep(0.1)
+    pub.close()
+
+
 def test_collector_sums_engines_and_survives_a_torn_file(tmp_path):
     (tmp_path / "engine-1.json").write_text('{"verify_steps": 2, "exact": 5}')
     (tmp_path / "engine-2.json").write_text('{"verify_steps": 3, "exact": 1}')

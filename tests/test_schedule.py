@@ -40,6 +40,17 @@ def test_schedule_of_zero_never_drafts(base, tmp_path):
     assert w["drafter_skipped_before_inputs"] == w["drafter_skipped_passes"]
     assert w["drafter_drafting_passes"] == w["drafter_kv_sync_passes"] == 0
     assert w["verify_steps"] == w["draft_tokens"] == 0
+    # and every step took vLLM's plain path (patches/plain_step.py)
+    assert w["drafter_plain_steps"] == w["drafter_skipped_passes"]
+
+
+def test_plain_k0_steps_off_keeps_vllms_speculative_path(base, tmp_path):
+    run = run_generate(tmp_path, "k0-spec-path",
+                       *_lvspec([[1, 64, 0]], plain_k0_steps=False), *WAVES)
+    (w,) = run["workers"]
+    assert run["outputs"] == base["outputs"]
+    assert w["drafter_plain_steps"] == 0
+    assert w["drafter_propose_calls"] == w["drafter_skipped_before_inputs"] > 0
 
 
 def test_loose_with_a_schedule_of_zero_runs_without_the_capture(base, tmp_path):
@@ -63,8 +74,10 @@ def test_crossing_the_threshold_keeps_strict_outputs(base, tmp_path):
     assert w["drafter_drafting_passes"] > 0 and w["drafter_skipped_passes"] > 0
     assert w["drafter_deferred_tokens"] > w["drafter_caught_up_tokens"] > 0
     assert w["drafter_dropped_tokens"] == 0
-    # every step that skipped was known to before vLLM prepared the draft's inputs
+    # every step that skipped was known to before vLLM prepared the draft's inputs, and took
+    # vLLM's plain path unless it verified the drafts of a step before it
     assert w["drafter_skipped_before_inputs"] == w["drafter_skipped_passes"]
+    assert 0 < w["drafter_plain_steps"] <= w["drafter_skipped_passes"]
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
     assert w["accepted_tokens"] == run["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
     # Each drafting step proposes k = 4 per request.
@@ -82,6 +95,7 @@ def test_catch_up_keeps_an_exact_drafts_every_draft_accepted(base, tmp_path):
     assert run["outputs"] == base["outputs"]
     assert w["draft_tokens"] == w["accepted_tokens"] > 0
     assert w["drafter_skipped_passes"] > 0 and w["drafter_caught_up_tokens"] > 0
+    assert w["drafter_plain_steps"] > 0  # tokens deferred in plain steps were caught up too
     assert w["drafter_visual_tokens_in"] > 0  # the draft saw the videos and images
 
 
@@ -121,6 +135,7 @@ def test_cold_requests_never_run_the_draft_and_the_rest_stay_exact(base, tmp_pat
     print(w)
     assert run["outputs"] == base["outputs"]
     assert 0 < w["drafter_cold_requests"] < 12
+    assert w["drafter_plain_steps"] > 0
     assert w["draft_tokens"] == w["accepted_tokens"] > 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"]
 

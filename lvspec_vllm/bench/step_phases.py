@@ -13,7 +13,9 @@ mode's steps and output tokens/s. (At k = 0 every mode takes the same steps; at 
 
 Modes: ``none`` (no speculative config), ``k0`` (LVSpec, vLLM's schedule at k = 0 for every
 batch size, cold requests: a speculative engine that drafts nothing), ``k0-warm`` (the same
-without cold requests), ``k4`` (LVSpec at k = 4), ``auto-cold`` (``auto_k`` with cold requests).
+without cold requests), ``k0-spec-path`` (``k0`` with ``plain_k0_steps`` off: every step on
+vLLM's speculative path), ``k4`` (LVSpec at k = 4), ``auto-cold`` (``auto_k`` with cold
+requests).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ MODES = {
     "none": None,
     "k0": {"num_speculative_tokens_per_batch_size": [[1, 256, 0]], "draft_cold_requests": True},
     "k0-warm": {"num_speculative_tokens_per_batch_size": [[1, 256, 0]]},
+    # k0 on vLLM's speculative path in every step, as before plain_k0_steps
+    "k0-spec-path": {"num_speculative_tokens_per_batch_size": [[1, 256, 0]],
+                     "draft_cold_requests": True, "plain_k0_steps": False},
     "k4": {},
     "auto-cold": {"auto_k": True, "draft_cold_requests": True},
 }

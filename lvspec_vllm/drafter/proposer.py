@@ -23,8 +23,9 @@ these additions:
   draft forward over the step's new tokens so that the draft's KV cache stays complete for later
   steps that do draft. Here decoding requests skip that pass and catch up the next time the draft
   runs for them (``lag.py``, option ``draft_catch_up``); a step in which every request waits runs
-  no draft forward at all. When the schedule is 0 at every batch size no step ever drafts, and
-  nothing is recorded either.
+  no draft forward at all, and takes vLLM's plain path (``begin_plain_step``,
+  ``patches/plain_step.py``). When the schedule is 0 at every batch size no step ever drafts,
+  and nothing is recorded either.
 
 It stays a ``DraftModelProposer`` so the runner's ``isinstance`` checks keep routing it through
 the draft-model path.
@@ -44,7 +45,7 @@ DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipp
                     "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
                     "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
                     "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
-                    "dropped_tokens", "cold_requests", "cold_prefix_hits")
+                    "dropped_tokens", "cold_requests", "cold_prefix_hits", "plain_steps")
 LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
 COLD_COUNTERS = ("cold_requests", "cold_prefix_hits")
 # kept by the encoder cache, the timer, the lag and the cold requests
@@ -63,6 +64,9 @@ class LVSpecDrafter(DraftModelProposer):
         self._cold = False  # draft_cold_requests, after enable_cold_requests()
         self.cold = None  # ColdRequests, after enable_cold_requests()
         self._planned = None  # this step's (rows, run, wait), when already planned
+        self._waiting = None  # a skipped step's (rows, rows that wait, query_start_loc)
+        # k = 0 steps without a draft forward take vLLM's plain path (patches/plain_step.py)
+        self.plain_steps = False
         self._pass = None  # (request ids, first positions, sequence positions) of a catch-up pass
         self.timer = StepTimer(device)
         self.vision: DraftVision | None = None
@@ -126,10 +130,8 @@ class LVSpecDrafter(DraftModelProposer):
 
     # -- one propose call per engine step --------------------------------------------------------
     def propose(self, num_speculative_tokens, **kwargs):
-        drafts = self._propose(num_speculative_tokens, **kwargs)
-        if num_speculative_tokens == 0:
-            self._publish_idle_sampler()
-        return drafts
+        # (the counts reach /metrics through the sampler's publisher, which reads them itself)
+        return self._propose(num_speculative_tokens, **kwargs)
 
     def propose_without_inputs(self, k: int, batch: int, query_start_loc: list[int],
                                step_ids) -> torch.Tensor | None:
@@ -138,28 +140,48 @@ class LVSpecDrafter(DraftModelProposer):
         record their tokens from ``step_ids()``), else None, and vLLM's path runs ``propose``.
         That preparation (the next tokens, the padded first-pass layout, the draft's multimodal
         inputs) is otherwise paid in full for a pass that does not happen."""
-        if k != 0 or not (self.never_drafts or self.lag is not None):
+        if k != 0 or not self._skips(batch, query_start_loc):
             return None
+        self._end_skipped_step(step_ids())
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+
+    def begin_plain_step(self, batch: int, query_start_loc: list[int]) -> bool:
+        """Once vLLM has laid out a step that verifies no drafts and drafts none
+        (``patches/plain_step.py``): whether the draft runs no forward in it either (nobody
+        must catch up). If so the runner takes vLLM's plain path, without calling the drafter,
+        and ``end_plain_step`` records the step; else the step is planned and runs as any
+        other."""
+        if not self.plain_steps or not self._skips(batch, query_start_loc):
+            return False
+        self._counts["plain_steps"] += 1
+        return True
+
+    def end_plain_step(self, step_ids: torch.Tensor) -> None:
+        """After a plain step: the waiting rows record their tokens (the step's input ids)."""
+        self._end_skipped_step(step_ids)
+
+    def _skips(self, batch: int, query_start_loc: list[int]) -> bool:
+        # a k = 0 step: whether the draft runs no forward in it (planned once per step)
+        if not (self.never_drafts or self.lag is not None):
+            return False
         if not self.never_drafts:
             rows = self._rows(batch, query_start_loc)
             run, wait = self._plan(rows, 0)
             if run:
                 self._planned = (rows, run, wait)  # vLLM's path runs propose on this step
-                return None
-            self.lag.record(rows, wait, query_start_loc, step_ids())
+                return False
+            self._waiting = (rows, wait, query_start_loc)
+        return True
+
+    def _end_skipped_step(self, step_ids) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.lag.record(*waiting, step_ids)
         c = self._counts
         c["propose_calls"] += 1
         c["skipped_passes"] += 1
         c["skipped_before_inputs"] += 1
         self._last_draft_probs = None
-        self._publish_idle_sampler()
-        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
-
-    def _publish_idle_sampler(self) -> None:
-        # the next step verifies nothing, so its sampler would not publish the counts
-        sampler = getattr(self.runner, "rejection_sampler", None)
-        if hasattr(sampler, "publish_metrics"):
-            sampler.publish_metrics()
 
     def _rows(self, batch: int, query_start_loc: list[int]):
         from lvspec_vllm.drafter.lag import Row

@@ -7,10 +7,14 @@ for the timer, and the total trails the device by the steps still in flight.
 
 With ``keep_samples`` a call that ``note``\\ s what it ran also yields one sample, that note plus
 its seconds, for ``auto_k``'s price of the draft's prefill (``take_samples``).
+
+The metrics publisher's thread reads ``total_us`` too (``metrics.py``): the calls in flight are
+kept under a lock.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -29,13 +33,17 @@ class StepTimer:
         self.keep_samples = False
         self._note: tuple | None = None
         self._samples: deque[tuple] = deque(maxlen=_MAX_SAMPLES)
+        self._lock = threading.Lock()
+        self._inside = False  # a call has started and not ended (its end event unrecorded)
 
     def __enter__(self):
         self._note = None
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-            self._pending.append((start, torch.cuda.Event(enable_timing=True), None))
+            with self._lock:
+                self._pending.append((start, torch.cuda.Event(enable_timing=True), None))
+                self._inside = True
         else:
             self._t0 = time.perf_counter()
         return self
@@ -47,9 +55,11 @@ class StepTimer:
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
-            start, end, _ = self._pending[-1]
-            end.record()
-            self._pending[-1] = (start, end, self._note)
+            with self._lock:
+                start, end, _ = self._pending[-1]
+                end.record()
+                self._pending[-1] = (start, end, self._note)
+                self._inside = False
             self._drain()
         else:
             seconds = time.perf_counter() - self._t0
@@ -59,17 +69,18 @@ class StepTimer:
         self._note = None
 
     def _drain(self) -> None:
-        done = 0
-        # recorded in stream order: stop at the first unfinished
-        for start, end, note in self._pending:
-            if not end.query():
-                break
-            ms = start.elapsed_time(end)
-            self._us += ms * 1e3
-            if note is not None:
-                self._samples.append((*note, ms * 1e-3))
-            done += 1
-        del self._pending[:done]
+        with self._lock:
+            done = 0
+            # recorded in stream order: stop at the first unfinished (or not yet ended)
+            for start, end, note in self._pending[:-1] if self._inside else self._pending:
+                if not end.query():
+                    break
+                ms = start.elapsed_time(end)
+                self._us += ms * 1e3
+                if note is not None:
+                    self._samples.append((*note, ms * 1e-3))
+                done += 1
+            del self._pending[:done]
 
     def total_us(self) -> int:
         """Microseconds spent in ``propose`` so far (on CUDA: the calls the device finished)."""

