@@ -23,7 +23,10 @@ sample weighted by a Gaussian in log2(B_i / B) (width half a doubling), with
 
 one level T_B(k) per k, a slope for the spread of batch sizes inside the window, and the cost
 of the prefill chunks a step also computed (the decode step alone is what k changes; prefill
-work is the same whatever k). No shape in k is assumed: a verify pass is flat in its rows until
+work is the same whatever k). A level with at least ``own_samples`` whole decode steps at the
+grid point's own batch size is their median instead: the slope assumes the neighbouring batch
+sizes ran under the same load, which at the edges of a load level they did not, and a step's
+noise only ever slows it. No shape in k is assumed: a verify pass is flat in its rows until
 it turns compute-bound, and a k = 0 step may or may not run a draft forward (vLLM's proposer
 runs one to keep the draft's KV cache in step; ``draft_catch_up`` defers it). A k without
 samples near B is interpolated linearly from the nearest measured k (the end's slope outside
@@ -223,18 +226,26 @@ class StepCostModel:
 
     def __init__(self, k_max: int, max_batch: int, window: int = 64, min_samples: int = 24,
                  width: float = 0.5, min_weight: float = 2.0, half_life: float = 512.0,
-                 split_prefill: bool = False, guess: bool = True, ridge: float = 0.25):
+                 split_prefill: bool = False, guess: bool = True, ridge: float = 0.25,
+                 own_samples: int = 16):
         self.k_max = k_max
         self.guess = guess  # StepTimes.guess
         # prefill priced apart at k = 0 and k > 0 (draft_cold_requests: only requests admitted
         # at k > 0 run the draft's prefill), which yields StepTimes.draft_prefill
         self.split_prefill = split_prefill
         self.min_samples = min_samples
+        # a level with this many whole steps at the grid point's own batch size is their
+        # median (_own_medians)
+        self.own_samples = own_samples
         self.width = width
         # a grid point is fitted where at least two k have this much weight of samples near it
         self.min_weight = min_weight
         points = np.round(2.0 ** np.arange(0, np.log2(max(max_batch, 1)) + 0.5, 0.5))
         self.grid = np.unique(np.clip(points, 1, max(max_batch, 1)))
+        # per batch size its nearest grid point in log2 (add runs every step)
+        self._grid_index = np.abs(np.log2(np.arange(1, max(max_batch, 1) + 1))[:, None]
+                                  - np.log2(self.grid)).argmin(axis=1).tolist()
+        self._grid_index.insert(0, self._grid_index[0])
         # per grid point and k a ring of (batch, k, prefill tokens, seconds, sample number,
         # share) rows
         self._rows = np.zeros((len(self.grid), k_max + 1, window, 6))
@@ -272,13 +283,35 @@ class StepCostModel:
         docstring; a step at k > 0 with share 0 is no sample)."""
         if k and share <= 0:  # all rows cold: neither a k = 0 step nor one that drafted
             return
-        g = int(np.abs(np.log2(max(batch, 1)) - np.log2(self.grid)).argmin())
+        g = self._grid_index[min(max(batch, 1), len(self._grid_index) - 1)]
         k = min(k, self.k_max)
         self._rows[g, k, self._added[g, k] % self._rows.shape[2]] = (batch, k, prefill, seconds,
                                                                      self._count, share)
         self._added[g, k] += 1
         self._count += 1
         self._dirty[g] = True
+
+    def _own_medians(self, bucket: np.ndarray, b0: float,
+                     level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The levels measured often at the grid point's own batch size: the median of those
+        steps (whole, no prefill), not the regression's, and its standard error (NaN where the
+        regression's level stands). The slope that carries neighbouring batch sizes' samples
+        to this one assumes they ran under the same load; at the edges of a load level they did
+        not (the API server decodes arriving videos on the same CPUs), and on a 2-core CPU the
+        fit put T(1, 4) at 19 ms where 64 steps at one request took 29 ms. The median, as a
+        step's noise only ever slows it; its standard error from the steps' median absolute
+        deviation, as the regression's pooled residuals are what those loads blew up."""
+        batch, k, prefill, t, _, share = bucket.T
+        own = (batch == b0) & (prefill == 0) & (share == 1.0)
+        out, se = level.copy(), np.full(len(level), np.nan)
+        for kk in np.unique(k[own]).astype(int):
+            mine = t[own & (k == kk)]
+            if len(mine) >= self.own_samples:
+                out[kk] = np.median(mine)
+                # 1.4826 MAD: a normal's sigma; 1.2533 sigma / sqrt(n): the median's error
+                mad = np.median(np.abs(mine - out[kk]))
+                se[kk] = 1.2533 * 1.4826 * mad / np.sqrt(len(mine))
+        return out, se
 
     def fit(self) -> StepTimes | None:
         """None until some batch size has samples at two or more k."""
@@ -340,8 +373,11 @@ class StepCostModel:
             level = coef[0] + np.concatenate([[0.0], coef[1:n] + coef[n:2 * n - 1]])
             slope, slope_k = coef[2 * n - 1], coef[2 * n]
             level = level + (slope + slope_k * ks) * (b0 - centre)
+            level, own_se = self._own_medians(buckets[g], b0, level)
             times[g] = _fill_unseen(level, seen)
             spread[g] = _level_spread(coef, k, share, np.stack(columns), w, t, seen, times[g])
+            se = np.where(np.isnan(own_se), spread[g], own_se)
+            spread[g] = np.where(seen, se, se[seen].max())
             if self.split_prefill:
                 # both sides need prefill samples of their own, or the difference is the
                 # whole prefill's cost (an absent column's coefficient is 0)
@@ -573,16 +609,18 @@ class AutoK:
 
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
                 drafted: list[int], accepted: list[int], emitted: int | None = None,
-                share: float = 1.0, elapsed: float | None = None, admitted: int = 0) -> None:
+                share: float = 1.0, elapsed: float | None = None, admitted: int = 0,
+                draft_seconds: float = 0.0) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
         not a sample), per request drafts verified and accepted, output tokens emitted (None:
         not counted), the share of its decode rows that drafted (below 1 only with cold
         requests), its wall seconds whether a sample or not (None: as ``seconds``; the
-        engine was idle before it if both are None), and the requests it admitted."""
+        engine was idle before it if both are None), the requests it admitted, and the
+        seconds the drafter's own clock gave its passes in the step."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
         wall = seconds if elapsed is None else elapsed
-        self._spend(batch, k, wall, emitted)
+        self._spend(batch, k, wall, emitted, draft_seconds)
         self._since_fit += wall or 0.0
         self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
         self.last_k = k
@@ -590,10 +628,18 @@ class AutoK:
             self.profile.update(drafted, accepted)
         self.steps += 1
 
-    def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None) -> None:
+    def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None,
+               draft_seconds: float = 0.0) -> None:
         # what the explorations cost: a step off the table, and the one after it (the switch
         # back pays for the switch), against the table's k emitting the same tokens
-        if self.steps < self.calibration_steps or seconds is None:
+        if self.steps < self.calibration_steps:
+            return
+        if seconds is None:
+            # After an idle engine a step has no wall time, yet an exploration there still
+            # pays its draft passes: at one request every admission follows an idle engine,
+            # and one admitted in an exploration is warm and runs the draft's prefill.
+            if k != self.table[min(batch, self.max_batch)]:
+                self.overspent += draft_seconds
             return
         self.elapsed = self.elapsed * self.budget_decay + seconds
         self.overspent *= self.budget_decay

@@ -58,9 +58,12 @@ DRAFT_COUNTERS = {
     "lvspec:draft_pruned_visual_tokens": "Video tokens draft_pruning withheld from the draft.",
     "lvspec:draft_seconds": "Time the draft model spent proposing (its vision encoder and "
                             "forward passes), seconds.",
-    "lvspec:draft_skipped_steps": "Steps with k = 0 in which the draft ran no forward at all.",
-    "lvspec:draft_plain_steps": "Steps with k = 0 that took vLLM's plain path, as without "
-                                "speculation (plain_k0_steps).",
+    "lvspec:draft_skipped_steps": "Steps in which the draft ran no forward at all (k = 0, or "
+                                  "every row cold).",
+    "lvspec:draft_plain_steps": "Steps that verified and drafted nothing and took vLLM's plain "
+                                "path, as without speculation (plain_k0_steps).",
+    "lvspec:draft_plain_cold_steps": "Of those, steps at k > 0 whose rows were all cold "
+                                     "(draft_cold_requests).",
     "lvspec:draft_deferred_tokens": "Tokens whose draft pass waited at k = 0 (draft_catch_up).",
     "lvspec:draft_caught_up_tokens": "Deferred tokens the draft processed when it next ran.",
     "lvspec:draft_cold_requests": "Requests the draft never ran for (draft_cold_requests): "

@@ -304,6 +304,7 @@ class LVSpecRejectionSampler(RejectionSampler):
                 "draft_seconds": drafted.get("draft_us", 0) / 1e6,
                 "draft_skipped_steps": drafted.get("skipped_passes", 0),
                 "draft_plain_steps": drafted.get("plain_steps", 0),
+                "draft_plain_cold_steps": drafted.get("plain_cold_steps", 0),
                 "draft_deferred_tokens": drafted.get("deferred_tokens", 0),
                 "draft_caught_up_tokens": drafted.get("caught_up_tokens", 0),
                 "draft_cold_requests": drafted.get("cold_requests", 0)}

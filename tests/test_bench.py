@@ -155,7 +155,8 @@ def test_repeated_serve_runs_report_the_median_per_level():
             {"concurrency": c, "requests": 2 * c, "output_tokens": 64 * c, "elapsed_s": 1.0,
              "tokens_per_s": t, "mean_accepted_length": None if k is None else 1 + k,
              "auto_k_steps": {}, "mean_k": k, "draft_share": share,
-             "draft_skipped_steps": 0} for c, t, k, share in levels]}
+             "draft_skipped_steps": 10 * c, "draft_plain_steps": 6 * c}
+            for c, t, k, share in levels]}
 
     none = median_run([run("none", (1, 100, None, 0), (4, 300, None, 0)),
                        run("none", (1, 120, None, 0), (4, 200, None, 0)),
@@ -169,6 +170,8 @@ def test_repeated_serve_runs_report_the_median_per_level():
     md = markdown([none, auto], "header")
     assert "| none | 100.0 [90-120] (1.00x) | 250.0 [200-300] (1.00x) |" in md
     assert "| lvspec-auto | 95.0 [80-110] (0.95x; 2.50; k 1.5) |" in md
+    # the draft's share; steps without a draft forward / of them plain (medians)
+    assert "| lvspec-auto | 30% (10 / 6) | 20% (40 / 24) |" in md
     # against none's rounds one by one: 80 / 100 and 110 / 120 at one request
     paired = median_run([run("lvspec-auto", (1, 80, 1.0, 0.2), (4, 240, None, 0.1)),
                          run("lvspec-auto", (1, 110, 2.0, 0.4), (4, 260, 0.0, 0.3))],
@@ -232,6 +235,24 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert s["k_above_0_samples"] == {"whole": 0, "partly cold": 1, "all cold": 0}
     assert s["decode_ms"] == {"4,0": (2, pytest.approx(10.0))}
     assert s["cold_ms"] == {"4,1": {"partly cold": (1, pytest.approx(20.0))}}
+
+
+def test_auto_k_trace_refit_prints_the_levels_beside_the_kept_steps_medians(tmp_path, capsys):
+    from lvspec_vllm.bench import auto_k_trace
+
+    rows = [[1, 0, 0, None, None, None, 0.006, 0]]
+    rows += [[1, 0, 0, 0.006 + 0.001 * (i % 3), 0, 1.0, 0.006, 0] for i in range(20)]
+    rows += [[1, 4, 0, None, 0, None, 0.02, 4]]
+    rows += [[1, 4, 0, 0.020 + 0.001 * (i % 5), 4, 1.0, 0.02, 4] for i in range(20)]
+    rows += [[1, 4, 30, 0.090, 4, 1.0, 0.09, 4]]  # a prefill rode along: not one of the kept
+    rows += [[2, 0, 0, 0.015, 0, 1.0, 0.015, 0]] * 20  # batch 2, slower
+    r = auto_k_trace.refit(rows, 1)
+    assert r["kept_medians_ms"] == {0: pytest.approx(7.0), 4: pytest.approx(22.0)}
+    assert r["levels_ms"][0] == pytest.approx(7.0) and r["levels_ms"][4] == pytest.approx(22.0)
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    auto_k_trace.main([str(path), "--fit-at", "1"])
+    assert capsys.readouterr().out.startswith("batch 1: fitted step ms by k [7.0, ")
 
 
 def test_auto_k_cost_prints_microseconds_per_step(capsys):

@@ -114,6 +114,28 @@ def test_nothing_is_looked_up_for_warm_rows_while_no_block_is_marked():
         assert c.step([_row("a", first), _row("b", first)], 4, fail) == [False, False]
 
 
+def test_a_cold_request_looks_up_its_blocks_only_when_it_enters_a_new_one():
+    # and again in full after an absence (preempted: its block table may be new)
+    c, t = ColdRequests(BS), _Tables(a=[7, 8, 9, 10])
+    looked = []
+
+    def fn(i, n):
+        looked.append(n)
+        return t.tables["a"][:n]
+
+    c.step([_row("a", 0, 5, False)], 0, fn)  # positions 0-4: blocks 7 and 8
+    for first in range(5, 10):
+        c.step([_row("a", first)], 0, fn)
+    assert looked == [2, 3]  # at position 8, block 9
+    assert c.marked == {7, 8, 9}
+    t.tables["a"] = [7, 8, 40]  # back after a preemption that freed its last block
+    c.step([], 0, fn)  # (a step without it)
+    c.step([_row("a", 10)], 4, fn)  # (k = 4: it stays cold)
+    assert c.marked == {7, 8, 9, 40}
+    c.step([_row("a", 11)], 0, fn)
+    assert looked == [2, 3, 3]
+
+
 def test_a_schedule_that_never_drafts_takes_the_option_without_complaint():
     # every request is cold already; "needs draft_catch_up" would name the wrong cause
     from types import SimpleNamespace

@@ -162,3 +162,25 @@ def test_the_proposer_methods_the_drafter_overrides_are_vllms():
     problems = proposer_hook_problems(Changed)
     assert "Changed.set_inputs_first_pass('inputs',)" in problems[0]
     assert "build_model_inputs_first_pass is gone" in problems[1]
+
+
+def test_after_a_plain_step_the_runner_offers_the_scheduler_no_drafts():
+    # An earlier step's drafts stay in the runner's host copy; the engine core asks for drafts
+    # after every step at k > 0, a plain one among them (all rows cold), and must get none.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from lvspec_vllm.patches import plain_step
+
+    recorded = []
+    runner = SimpleNamespace(
+        num_spec_tokens=4, _draft_token_req_ids=["a", "b"],
+        _draft_token_ids=[[1, 2, 3, 4], [5, 6, 7, 8]],
+        speculative_config=None, input_ids=SimpleNamespace(gpu=torch.arange(8)),
+        drafter=SimpleNamespace(end_plain_step=recorded.append))
+    runner._get_draft_token_ids_cpu = lambda: (runner._draft_token_ids, runner._draft_token_req_ids)
+    assert GPUModelRunner.take_draft_token_ids(runner) is not None  # what it would hand back
+    runner.__dict__[plain_step._HIDDEN] = ("the speculative config", 2)
+    assert plain_step.end(runner)
+    assert runner.speculative_config == "the speculative config"
+    assert recorded[0].tolist() == [0, 1]
+    assert GPUModelRunner.take_draft_token_ids(runner) is None

@@ -136,6 +136,9 @@ def test_cold_requests_never_run_the_draft_and_the_rest_stay_exact(base, tmp_pat
     assert run["outputs"] == base["outputs"]
     assert 0 < w["drafter_cold_requests"] < 12
     assert w["drafter_plain_steps"] > 0
+    # Steps at k = 4 whose rows were all cold took the plain path too, and the warm requests'
+    # drafts stayed exact around them.
+    assert 0 < w["drafter_plain_cold_steps"] < w["drafter_plain_steps"]
     assert w["draft_tokens"] == w["accepted_tokens"] > 0
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"]
 

@@ -1,4 +1,4 @@
-"""What auto_k saw, per step: ``python -m lvspec_vllm.bench.auto_k_trace TRACE``.
+"""What auto_k saw, per step: ``python -m lvspec_vllm.bench.auto_k_trace TRACE [--fit-at B]``.
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
 JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
@@ -7,7 +7,8 @@ before it; their seconds are the wall time of the steps that were samples). Prin
 share of wall time in steps that computed prefill chunks and in explorations (steps at a k
 off the table, and the step after each), and per batch size and k the median time of the
 whole decode-only steps auto_k fits (k kept from the step before, every decode row drafting),
-beside the steps it leaves out.
+beside the steps it leaves out. With ``--fit-at B``: the step-cost fit of the trace's samples,
+its levels at batch size B beside the medians of the steps kept there (``refit``).
 """
 
 from __future__ import annotations
@@ -65,10 +66,53 @@ def summarise(lines: list[list]) -> dict:
     }
 
 
+def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict:
+    """The trace's samples fed to ``StepCostModel`` as the controller kept them (a step at the
+    previous step's k, its share of drafting rows), and its levels at ``batch`` after the last
+    one, beside the median of the whole decode-only steps kept at that batch size per k.
+    ``own_samples`` (None: the model's default) is ``StepCostModel.own_samples``; a huge one
+    gives the regression alone."""
+    import numpy as np
+
+    from lvspec_vllm.auto_k import StepCostModel
+
+    k_max = max(row[1] for row in lines)
+    max_batch = max(row[0] for row in lines)
+    extra = {} if own_samples is None else {"own_samples": own_samples}
+    model = StepCostModel(k_max, max_batch, split_prefill=True, guess=False, **extra)
+    for row in lines:
+        b, k, p, seconds, previous = row[:5]
+        share = row[5] if len(row) > 5 and row[5] is not None else 1.0
+        if seconds is not None and k == previous:
+            model.add(b, k, seconds, p, share)
+    fitted = model.fit()
+    g = fitted.index(batch)
+    rows = model._bucket(int(np.abs(np.log2(model.grid) - np.log2(batch)).argmin()))
+    whole = (rows[:, 0] == batch) & (rows[:, 2] == 0) & (rows[:, 5] == 1.0)
+    medians = {int(k): float(np.median(rows[whole & (rows[:, 1] == k), 3]))
+               for k in np.unique(rows[whole, 1])}
+    return {"levels_ms": [round(1e3 * float(t), 2) for t in fitted.times[g]],
+            "kept_medians_ms": {k: round(1e3 * t, 2) for k, t in medians.items()}}
+
+
 def main(argv=None) -> None:
-    path = (argv or sys.argv[1:])[0]
-    with open(path) as f:
-        s = summarise([json.loads(line) for line in f if line.strip()])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--fit-at", type=int, default=None, metavar="BATCH",
+                    help="refit the trace's samples and print the levels at this batch size")
+    ap.add_argument("--own-samples", type=int, default=None,
+                    help="StepCostModel.own_samples for --fit-at (a huge one: regression only)")
+    args = ap.parse_args(argv)
+    with open(args.trace) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if args.fit_at is not None:
+        r = refit(lines, args.fit_at, args.own_samples)
+        print(f"batch {args.fit_at}: fitted step ms by k {r['levels_ms']}; median of the whole "
+              f"decode-only steps kept there, by k: {r['kept_medians_ms']}")
+        return
+    s = summarise(lines)
     print(f"{s['steps']} steps, {s['seconds']:.3f} s; {s['prefill_steps']} with prefill chunks: "
           f"{100 * s['prefill_share']:.0f} % of the time; {s['exploration_steps']} in "
           f"explorations and after them: {100 * s['exploration_share']:.0f} %")

@@ -168,6 +168,7 @@ def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
     drafter = _delta(after, before, "lvspec:draft_")
     r["draft_share"] = drafter.get("lvspec:draft_seconds_total", 0.0) / r["elapsed_s"]
     r["draft_skipped_steps"] = drafter.get("lvspec:draft_skipped_steps_total", 0.0)
+    r["draft_plain_steps"] = drafter.get("lvspec:draft_plain_steps_total", 0.0)
     d = _delta(after, before, "vllm:spec_decode_num")
     drafts = d.get("vllm:spec_decode_num_drafts_total", 0.0)
     accepted = d.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
@@ -259,7 +260,8 @@ def median_run(reps: list[dict], base: list[dict] | None = None) -> dict:
         same = [r["levels"][i] for r in reps]
         levels.append({**first, **{key: median(lv.get(key) for lv in same) for key in (
             "tokens_per_s", "mean_accepted_length", "mean_k", "draft_share",
-            "draft_skipped_steps", "draft_prompt_token_us", "in_engine", *LATENCIES)},
+            "draft_skipped_steps", "draft_plain_steps", "draft_prompt_token_us", "in_engine",
+            *LATENCIES)},
             "tokens_per_s_runs": [lv["tokens_per_s"] for lv in same]})
         cpu = [lv["cpu_s"] for lv in same if lv.get("cpu_s")]
         if cpu:  # per part, the median over the repeats
@@ -298,13 +300,13 @@ def markdown(runs: list[dict], header: str) -> str:
             cells.append(cell)
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     lines += ["", "the draft's share of wall time (lvspec:draft_seconds_total over the level's "
-              "time; steps in which the draft ran no forward)", "",
-              lines[4], lines[5]]
+              "time; steps in which the draft ran no forward / of them on vLLM's plain path)",
+              "", lines[4], lines[5]]
     for r in runs:
         if r["mode"] != "none":
             lines.append(f"| {r['mode']} | " + " | ".join(
-                f"{lv.get('draft_share', 0):.0%} ({lv.get('draft_skipped_steps', 0):.0f})"
-                for lv in r["levels"]) + " |")
+                f"{lv.get('draft_share') or 0:.0%} ({lv.get('draft_skipped_steps') or 0:.0f} / "
+                f"{lv.get('draft_plain_steps') or 0:.0f})" for lv in r["levels"]) + " |")
     if any(lv.get("e2e_ms") is not None for r in runs for lv in r["levels"]):
         lines += ["", "per request, mean ms: time to first token / of it in prefill / decode "
                   "(vLLM's histograms)", "", lines[4], lines[5]]

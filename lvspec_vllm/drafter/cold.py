@@ -36,6 +36,7 @@ class ColdRequests:
         self.marked: set[int] = set()  # draft-KV block ids holding a cold request's tokens
         self._checked: dict[str, int] = {}  # warm request: blocks of its prefix checked so far
         self._last_step: dict[str, int] = {}
+        self._marked_upto: dict[str, int] = {}  # cold request: its blocks marked, [0, upto)
         self._step = 0
         self.counts = {"cold_requests": 0, "cold_prefix_hits": 0}
 
@@ -66,11 +67,16 @@ class ColdRequests:
                         self._checked[req] = upto
             is_cold = req in self.cold
             if row.num_tokens and (is_cold or self.marked):
-                touched = block_ids(i, -(-(row.first + row.num_tokens) // bs))[row.first // bs:]
+                lo, hi = row.first // bs, -(-(row.first + row.num_tokens) // bs)
                 if is_cold:
-                    self.marked.update(touched)
+                    # a cold request in the step before marked its blocks up to ``upto``; its
+                    # block table only grows while it keeps running
+                    upto = self._marked_upto.get(req, 0) if last == self._step - 1 else 0
+                    if hi > max(lo, upto):
+                        self.marked.update(block_ids(i, hi)[max(lo, upto):])
+                    self._marked_upto[req] = hi
                 else:  # the draft computes these now (or, deferred, before the block fills)
-                    self.marked.difference_update(touched)
+                    self.marked.difference_update(block_ids(i, hi)[lo:])
             cold.append(is_cold)
         return cold
 
@@ -82,7 +88,7 @@ class ColdRequests:
     def forget(self, live) -> None:
         """Drop the requests not in ``live`` (finished or aborted); marked blocks stay marked."""
         # set operations over the keys: this runs every step, over every live request
-        for table in (self._last_step, self._checked):
+        for table in (self._last_step, self._checked, self._marked_upto):
             for req in table.keys() - live:
                 del table[req]
         self.cold.intersection_update(live)

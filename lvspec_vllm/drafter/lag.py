@@ -24,13 +24,14 @@ step's tensors through them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Row:
-    """One request of the step, as the scheduler laid it out."""
+class Row(NamedTuple):
+    """One request of the step, as the scheduler laid it out (a tuple: built for every row of
+    every step that plans)."""
 
     req_id: str
     first: int  # sequence position of the first scheduled token

@@ -45,7 +45,8 @@ DRAFTER_COUNTERS = ("propose_calls", "drafting_passes", "kv_sync_passes", "skipp
                     "skipped_before_inputs", "proposed_tokens", "visual_tokens_in",
                     "pruned_visual_tokens", "pruned_items_scored", "pruned_items_unscored",
                     "encoded_items", "draft_us", "deferred_tokens", "caught_up_tokens",
-                    "dropped_tokens", "cold_requests", "cold_prefix_hits", "plain_steps")
+                    "dropped_tokens", "cold_requests", "cold_prefix_hits", "plain_steps",
+                    "plain_cold_steps")
 LAG_COUNTERS = ("deferred_tokens", "caught_up_tokens", "dropped_tokens")
 COLD_COUNTERS = ("cold_requests", "cold_prefix_hits")
 # kept by the encoder cache, the timer, the lag and the cold requests
@@ -135,42 +136,45 @@ class LVSpecDrafter(DraftModelProposer):
 
     def propose_without_inputs(self, k: int, batch: int, query_start_loc: list[int],
                                step_ids) -> torch.Tensor | None:
-        """Before vLLM prepares the draft's inputs (``patches/propose.py``): the step's empty
-        drafts if it runs no draft forward (k = 0 and nobody must catch up; the waiting rows
-        record their tokens from ``step_ids()``), else None, and vLLM's path runs ``propose``.
-        That preparation (the next tokens, the padded first-pass layout, the draft's multimodal
-        inputs) is otherwise paid in full for a pass that does not happen."""
-        if k != 0 or not self._skips(batch, query_start_loc):
+        """Before vLLM prepares the draft's inputs (``patches/propose.py``): the step's drafts
+        if it runs no draft forward (k = 0 or every row cold, and nobody must catch up; the
+        waiting rows record their tokens from ``step_ids()``), else None, and vLLM's path runs
+        ``propose``. That preparation (the next tokens, the padded first-pass layout, the
+        draft's multimodal inputs) is otherwise paid in full for a pass that does not happen."""
+        if not self._skips(batch, query_start_loc, k):
             return None
         self._end_skipped_step(step_ids())
-        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+        return self._no_drafts(batch) if k == 0 else self._cold_drafts(batch, k, [], None)
 
-    def begin_plain_step(self, batch: int, query_start_loc: list[int]) -> bool:
-        """Once vLLM has laid out a step that verifies no drafts and drafts none
-        (``patches/plain_step.py``): whether the draft runs no forward in it either (nobody
-        must catch up). If so the runner takes vLLM's plain path, without calling the drafter,
-        and ``end_plain_step`` records the step; else the step is planned and runs as any
-        other."""
-        if not self.plain_steps or not self._skips(batch, query_start_loc):
+    def begin_plain_step(self, batch: int, query_start_loc: list[int], k: int = 0) -> bool:
+        """Once vLLM has laid out a step that verifies no drafts (``patches/plain_step.py``):
+        whether the draft runs no forward in it either. At k = 0 nobody must catch up; at
+        k > 0 every row is also cold (``cold.py``), so none drafts. If so the runner takes
+        vLLM's plain path, without calling the drafter, and ``end_plain_step`` records the
+        step; else the step is planned and runs as any other."""
+        if not self.plain_steps or not self._skips(batch, query_start_loc, k):
             return False
         self._counts["plain_steps"] += 1
+        self._counts["plain_cold_steps"] += k > 0
         return True
 
     def end_plain_step(self, step_ids: torch.Tensor) -> None:
         """After a plain step: the waiting rows record their tokens (the step's input ids)."""
         self._end_skipped_step(step_ids)
 
-    def _skips(self, batch: int, query_start_loc: list[int]) -> bool:
-        # a k = 0 step: whether the draft runs no forward in it (planned once per step)
-        if not (self.never_drafts or self.lag is not None):
+    def _skips(self, batch: int, query_start_loc: list[int], k: int = 0) -> bool:
+        # whether the draft runs no forward in this step (planned once per step): at k = 0 all
+        # rows wait or are cold, at k > 0 all are cold
+        if self.never_drafts:
+            return k == 0  # (the schedule is 0 at every batch size)
+        if self.lag is None or (k > 0 and self.cold is None):
             return False
-        if not self.never_drafts:
-            rows = self._rows(batch, query_start_loc)
-            run, wait = self._plan(rows, 0)
-            if run:
-                self._planned = (rows, run, wait)  # vLLM's path runs propose on this step
-                return False
-            self._waiting = (rows, wait, query_start_loc)
+        rows = self._rows(batch, query_start_loc)
+        run, wait = self._plan(rows, k)
+        if run:
+            self._planned = (rows, run, wait)  # vLLM's path runs propose on this step
+            return False
+        self._waiting = (rows, wait, query_start_loc)
         return True
 
     def _end_skipped_step(self, step_ids) -> None:
@@ -202,7 +206,7 @@ class LVSpecDrafter(DraftModelProposer):
         if num_speculative_tokens == 0 and self.never_drafts:
             c["skipped_passes"] += 1
             self._last_draft_probs = None
-            return self._no_drafts(cad)
+            return self._no_drafts(cad.batch_size())
         if self.lag is None and self._catch_up:  # the block size is known from the first step
             from lvspec_vllm.drafter.lag import DraftLag
             self.lag = DraftLag(self.block_size, self.max_batch_size, self.device)
@@ -215,8 +219,8 @@ class LVSpecDrafter(DraftModelProposer):
                 return super().propose(num_speculative_tokens, **kwargs)
             return self._propose_catching_up(num_speculative_tokens, kwargs)
 
-    def _no_drafts(self, cad) -> torch.Tensor:
-        return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
+    def _no_drafts(self, batch: int) -> torch.Tensor:
+        return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
 
     def _count_pass(self, k: int, batch_size: int) -> None:
         if k == 0:
@@ -300,7 +304,7 @@ class LVSpecDrafter(DraftModelProposer):
         if not run:
             self._counts["skipped_passes"] += 1
             self._last_draft_probs = None
-            return self._no_drafts(cad) if k == 0 else self._cold_drafts(batch, k, [], None)
+            return self._no_drafts(batch) if k == 0 else self._cold_drafts(batch, k, [], None)
         prompt = sum(rows[i].num_tokens for i in run if not rows[i].decoding)
         other = sum(rows[i].num_tokens for i in run) - prompt + lag.pending_tokens(rows, run)
         self.timer.note(k, len(run), prompt, other)
@@ -321,7 +325,7 @@ class LVSpecDrafter(DraftModelProposer):
         self._count_pass(k, len(run))
         drafts = self._catch_up_pass(k, rows, run, kwargs)
         if k == 0:
-            return self._no_drafts(cad)
+            return self._no_drafts(batch)
         return drafts if len(run) == batch else self._cold_drafts(batch, k, run, drafts)
 
     def _cold_drafts(self, batch: int, k: int, run: list[int], drafts) -> torch.Tensor:

@@ -3,17 +3,20 @@
 Why: vLLM 0.32's runner takes its speculative path in every step of an engine with a
 speculative config, whether the step drafts or not: it builds spec-decode metadata, attention
 metadata for the drafter, calls the rejection sampler instead of the sampler, calls the drafter
-and copies its empty drafts to the host. In a step with k = 0 that verifies no drafts, and in
-which LVSpec's draft runs no forward (every decoding request defers its pass, ``drafter/lag.py``,
-or the schedule never drafts), none of it is needed: on the 2-core CPU it was most of what a
-speculative engine's k = 0 step costs over a plain engine's (docs/benchmarks.md). vLLM's runner
-before 0.32 took its plain path in such a step; this post-hook restores that. Once
-``_update_states`` has laid out the step's batch, it asks the drafter
-(``LVSpecDrafter.begin_plain_step``, which plans the step once); if no draft forward is due, the
-runner's ``speculative_config`` reads None until the step's ``sample_tokens`` returns, so vLLM's
-own code takes its plain path (its sampler, no drafter). ``end`` (called by the
+and copies its empty drafts to the host. In a step that verifies no drafts and in which LVSpec's
+draft runs no forward, none of it is needed: at k = 0 when every decoding request defers its
+pass (``drafter/lag.py``) or the schedule never drafts, and at k > 0 when every row of the step
+is cold (``drafter/cold.py``: an ``auto_k`` exploration that admitted nobody). On the 2-core CPU
+it was most of what a speculative engine's k = 0 step costs over a plain engine's
+(docs/benchmarks.md). vLLM's runner before 0.32 took its plain path in such a step; this
+post-hook restores that. Once ``_update_states`` has laid out the step's batch, it asks the
+drafter (``LVSpecDrafter.begin_plain_step``, which plans the step once); if no draft forward is
+due, the runner's ``speculative_config`` reads None until the step's ``sample_tokens`` returns,
+so vLLM's own code takes its plain path (its sampler, no drafter). ``end`` (called by the
 ``sample_tokens`` patch, ``runner_output.py``) restores it and lets the drafter record the
-step's deferred tokens. Outputs are the same tokens; only the bookkeeping goes.
+step's deferred tokens. Outputs are the same tokens; only the bookkeeping goes. (The runner
+reads the step's k only in the drafter's call, which a plain step does not make; the scheduler
+gets no drafts back, as from a step whose rows are all cold.)
 
 Only where the plain path is the same computation: without async scheduling (the next step's
 inputs come from the host), a single pipeline stage and data-parallel rank (no collective the
@@ -54,6 +57,9 @@ def end(runner) -> bool:
     if hidden is None:
         return False
     runner.speculative_config, num_tokens = hidden
+    # No drafts for the scheduler to take after it (the engine core asks after a step at
+    # k > 0): without this, the runner would hand back an earlier step's drafts again.
+    runner._draft_token_req_ids = None
     runner.drafter.end_plain_step(runner.input_ids.gpu[:num_tokens])
     return True
 
@@ -70,14 +76,14 @@ class UpdateStatesPatch(Patch):
             self.speculative_config = hidden[0]
         out = original(self, scheduler_output)
         n = scheduler_output.total_num_scheduled_tokens
-        if n and scheduler_output.num_spec_tokens_to_schedule == 0 \
-                and not any(scheduler_output.scheduled_spec_decode_tokens.values()) \
+        if n and not any(scheduler_output.scheduled_spec_decode_tokens.values()) \
                 and _eligible(self):
             batch = self.input_batch.num_reqs
             qsl = [0]
             for req_id in self.input_batch.req_ids[:batch]:
                 qsl.append(qsl[-1] + scheduler_output.num_scheduled_tokens[req_id])
-            if self.drafter.begin_plain_step(batch, qsl):
+            if self.drafter.begin_plain_step(batch, qsl,
+                                             scheduler_output.num_spec_tokens_to_schedule):
                 self.__dict__[_HIDDEN] = (self.speculative_config, n)
                 self.speculative_config = None
         return out

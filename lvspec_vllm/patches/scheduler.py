@@ -103,10 +103,12 @@ class AutoKController:
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
                                           share, elapsed, planned]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
-        self.auto.observe_draft(draft_passes(model_runner_output))
+        passes = draft_passes(model_runner_output)
+        self.auto.observe_draft(passes)
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
                           1.0 if share is None else share, elapsed=elapsed,
-                          admitted=len(scheduler_output.scheduled_new_reqs))
+                          admitted=len(scheduler_output.scheduled_new_reqs),
+                          draft_seconds=sum(p[-1] for p in passes))
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
