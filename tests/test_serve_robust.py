@@ -74,11 +74,10 @@ def test_bad_requests_get_errors_and_others_carry_on(server):
     }
 
     async def run():
-        # Good requests keep the client's default retries: a bad request that carries the
-        # same video can be refused after vLLM's API process cached the video as sent, and the
-        # engine then answers the next good one with vLLM's retryable 500 (multimodal cache
-        # drift, docs/troubleshooting.md), which clients are expected to resend. The bad
-        # requests' errors are read without retries.
+        # Good requests keep the client's default retries: the engine can answer one with
+        # vLLM's retryable 500 (multimodal cache drift, docs/troubleshooting.md; likely set
+        # off by the refused requests that carry the same video), which clients are expected
+        # to resend. The bad requests' errors are read without retries.
         client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none")
         once = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
         good = [_chat(client, _video(good_video), max_tokens=24, extra_body={"ignore_eos": True})
