@@ -52,10 +52,19 @@ the draft's passes and the verify's wider rows have a part that any drafting row
 (F_k: the draft's forward, its launches and the spec-decode bookkeeping, which on a 2-core CPU
 cost as much as the target's step) and a part per drafting row (V_k). Samples at one share
 alone tell only F_k + s V_k; the fit then leans on F_k (a small ridge on V_k), which a serving
-trace bears out (at 4 and 16 requests a partly cold step at k = 1 took as long as a whole one)
-and which is optimistic where drafting's cost is per row instead: a k chosen on it is run,
-its rows turn warm, and the whole steps then measure it. A step at k > 0 where no decode row
-drafted is no sample of either level (the drafter's call still costs). At a batch size at
+trace bears out (at 4 and 16 requests a partly cold step at k = 1 took as long as a whole one).
+A step at k > 0 where no decode row drafted is no sample of either level (the drafter's call
+still costs, and takes vLLM's plain path).
+
+The k is chosen at the share of the rows that would draft, not as if all did: the scheduler's
+hook follows which running requests are warm (``WarmRequests``), and a step at k whose share s
+of the decode rows draft emits B (1 + s (E(k) - 1)) tokens in T_B(0) + F_k + s V_k. With F_k
+as dear as a k = 0 step, a few warm rows among cold ones do not pay for it (a 2-core CPU's
+four requests ran such steps at 2-3.4 times a k = 0 one when whole steps were priced). One
+exception: a batch size above the running requests is a step that admits new ones, and that
+step's k decides whether they draft (a request admitted at k = 0 is cold for life), so there
+the k is the whole step's. Where whole steps pay, the admitted requests turn warm, the share
+climbs and k follows; where they do not, nothing changes. At a batch size at
 k = 0 the share is that of the requests admitted in explorations (a request first scheduled
 at k > 0 is warm, one at k = 0 cold), so there the explorations run on every turn, trying
 1, k/2 and k in turn, and hold it ``cold_hold`` steps: a few more samples, more warm rows.
@@ -101,9 +110,12 @@ class Costs:
     d: float
     k0_pass: bool = True  # a k = 0 step runs a draft forward
 
-    def step_time(self, batch, k):
+    def step_time(self, batch, k, share=1.0):
+        """``share``: of the rows, those that draft (cold requests do not): a drafting step
+        verifies k more tokens and drafts over those rows only; a k = 0 step is all rows'."""
         passes = np.maximum(k, 1 if self.k0_pass else 0)
-        return self.a + self.b * batch * (k + 1) + passes * (self.c + self.d * batch)
+        rows = np.where(np.asarray(k) > 0, share, 1.0) * batch
+        return self.a + self.b * batch + self.b * rows * k + passes * (self.c + self.d * rows)
 
 
 @dataclass(frozen=True)
@@ -121,13 +133,22 @@ class StepTimes:
     guess: bool = True
     # [len(grid), k_max + 1]: each level's standard error, from the fit's residuals
     spread: np.ndarray | None = None
+    # [len(grid), k_max + 1]: the part of each level that a step's drafting rows bring in
+    # (V_k; the rest, F_k, any drafting row does); None: all of it is fixed
+    per_row: np.ndarray | None = None
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
         return np.abs(b[..., None] - np.log2(self.grid)).argmin(axis=-1)
 
-    def step_time(self, batch, k):
-        return self.times[self.index(batch), k]
+    def step_time(self, batch, k, share=1.0):
+        """Seconds of a step at k in which a ``share`` of the decode rows draft:
+        T_B(0) + F_k + share V_k (a whole step at share 1)."""
+        i = self.index(batch)
+        t = self.times[i, k]
+        if self.per_row is None or np.all(np.asarray(share) == 1.0):
+            return t
+        return t - (1.0 - np.asarray(share)) * self.per_row[i, k]
 
     def cautious(self, z: float) -> StepTimes:
         """The levels at k > 0 raised by ``z`` standard errors of their difference from the
@@ -157,18 +178,22 @@ class StepTimes:
 
 
 def goodput_table(alpha, costs, max_batch: int, k_max: int,
-                  admission=None, tokens_per_request: float | None = None) -> np.ndarray:
+                  admission=None, tokens_per_request: float | None = None,
+                  share: float = 1.0) -> np.ndarray:
     """[max_batch + 1, k_max + 1] tokens/s for every batch size and k (row 0 unused).
     ``admission[B]``: seconds per output token that drafting adds at batch size B beyond the
     step itself (the draft's prefill of the requests it admits), paid by every k > 0.
     ``tokens_per_request``: output tokens a request emits (None: as if unbounded). A request's
     last step still drafts for a next one it never has, so each request that drafts pays the
     drafting part of one step, T(B, k) - T(B, 0) over its B rows, for no tokens; with short
-    outputs that is a share of drafting's cost that the steps alone do not show."""
+    outputs that is a share of drafting's cost that the steps alone do not show.
+    ``share``: of the decode rows, those that would draft (cold requests do not): a step at k
+    emits B (1 + share (E(k) - 1)) tokens in T_B(0) + F_k + share V_k."""
     e = np.array([expected_tokens(alpha, k) for k in range(k_max + 1)])
+    e = 1.0 + share * (e - 1.0)
     batch = np.arange(max_batch + 1)[:, None].astype(float)
     k = np.arange(k_max + 1)[None, :]
-    t = costs.step_time(batch, k)
+    t = costs.step_time(batch, k) if share == 1.0 else costs.step_time(batch, k, share)
     per_token = t / np.maximum(batch * e[None, :], 1e-9)
     if admission is not None:
         per_token = per_token + np.asarray(admission, dtype=float)[:, None] * (k > 0)
@@ -179,9 +204,9 @@ def goodput_table(alpha, costs, max_batch: int, k_max: int,
 
 
 def choose_k(alpha, costs, max_batch: int, k_max: int, admission=None,
-             tokens_per_request: float | None = None) -> list[int]:
+             tokens_per_request: float | None = None, share: float = 1.0) -> list[int]:
     """Best k for every batch size 0..max_batch (index 0 unused), ties to the smaller k."""
-    g = goodput_table(alpha, costs, max_batch, k_max, admission, tokens_per_request)
+    g = goodput_table(alpha, costs, max_batch, k_max, admission, tokens_per_request, share)
     if isinstance(costs, StepTimes):
         g = np.where(costs.allowed(np.arange(max_batch + 1)), g, -np.inf)
     best = g.max(axis=1, keepdims=True)
@@ -263,12 +288,20 @@ class StepCostModel:
         # bucket it reads changed since
         n = len(self.grid)
         self._fits = (np.full((n, k_max + 1), np.nan), np.zeros(n),
-                      np.zeros((n, k_max + 1), dtype=bool), np.zeros((n, k_max + 1)))
+                      np.zeros((n, k_max + 1), dtype=bool), np.zeros((n, k_max + 1)),
+                      np.zeros((n, k_max + 1)))
         self._dirty = np.zeros(n, dtype=bool)
 
     def _bucket(self, g: int) -> np.ndarray:
         kept = np.arange(self._rows.shape[2]) < self._added[g][:, None]
         return self._rows[g][kept]
+
+    def own_steps(self, batch: int) -> dict[int, np.ndarray]:
+        """Per k, the seconds of the kept whole decode-only steps (no prefill, every decode row
+        drafting) at exactly this batch size."""
+        return _whole_steps(self._bucket(self._grid_index[min(max(batch, 1),
+                                                              len(self._grid_index) - 1)]),
+                            batch)
 
     @property
     def samples(self) -> list[tuple]:
@@ -301,11 +334,8 @@ class StepCostModel:
         fit put T(1, 4) at 19 ms where 64 steps at one request took 29 ms. The median, as a
         step's noise only ever slows it; its standard error from the steps' median absolute
         deviation, as the regression's pooled residuals are what those loads blew up."""
-        batch, k, prefill, t, _, share = bucket.T
-        own = (batch == b0) & (prefill == 0) & (share == 1.0)
         out, se = level.copy(), np.full(len(level), np.nan)
-        for kk in np.unique(k[own]).astype(int):
-            mine = t[own & (k == kk)]
+        for kk, mine in _whole_steps(bucket, b0).items():
             if len(mine) >= self.own_samples:
                 out[kk] = np.median(mine)
                 # 1.4826 MAD: a normal's sigma; 1.2533 sigma / sqrt(n): the median's error
@@ -321,7 +351,7 @@ class StepCostModel:
         # a grid point's fit reads only the buckets within reach, its sample ages included:
         # refit the points near a bucket that changed, keep the others' (the engine's batch
         # size moves slowly, and the fit runs in the engine's step loop)
-        times, draft_prefill, measured, spread = self._fits
+        times, draft_prefill, measured, spread, per_row = self._fits
         stale = np.zeros(len(self.grid), dtype=bool)
         for i in np.flatnonzero(self._dirty):
             stale[max(0, i - self._reach):i + self._reach + 1] = True
@@ -334,6 +364,7 @@ class StepCostModel:
         for g in np.flatnonzero(stale):
             b0 = self.grid[g]
             times[g], draft_prefill[g], measured[g], spread[g] = np.nan, 0.0, False, 0.0
+            per_row[g] = 0.0
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
             batch, k, prefill, t, number, share = np.concatenate(
                 [buckets[i] for i in near]).T
@@ -372,9 +403,10 @@ class StepCostModel:
             # T(0) = L0, T(k) = L0 + F_k + V_k: a whole step at k
             level = coef[0] + np.concatenate([[0.0], coef[1:n] + coef[n:2 * n - 1]])
             slope, slope_k = coef[2 * n - 1], coef[2 * n]
-            level = level + (slope + slope_k * ks) * (b0 - centre)
-            level, own_se = self._own_medians(buckets[g], b0, level)
+            regressed = level + (slope + slope_k * ks) * (b0 - centre)
+            level, own_se = self._own_medians(buckets[g], b0, regressed)
             times[g] = _fill_unseen(level, seen)
+            per_row[g] = _per_row(coef[n:2 * n - 1], regressed, times[g], seen)
             spread[g] = _level_spread(coef, k, share, np.stack(columns), w, t, seen, times[g])
             se = np.where(np.isnan(own_se), spread[g], own_se)
             spread[g] = np.where(seen, se, se[seen].max())
@@ -393,7 +425,8 @@ class StepCostModel:
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
         return StepTimes(self.grid, times[fitted][nearest],
                          draft_prefill[fitted][nearest] if self.split_prefill else None,
-                         measured.copy(), self.guess, spread[fitted][nearest])
+                         measured.copy(), self.guess, spread[fitted][nearest],
+                         per_row[fitted][nearest])
 
 
 class DraftPassCost:
@@ -503,6 +536,26 @@ def decode_share(k: int, previous_k: int, drafts: list[int], cold: bool) -> floa
     return None
 
 
+def _whole_steps(bucket: np.ndarray, batch: float) -> dict[int, np.ndarray]:
+    """Per k, the seconds of a bucket's whole decode-only steps at exactly ``batch``."""
+    b, k, prefill, t, _, share = bucket.T
+    own = (b == batch) & (prefill == 0) & (share == 1.0)
+    return {int(kk): t[own & (k == kk)] for kk in np.unique(k[own])}
+
+
+def _per_row(v, regressed, level, seen) -> np.ndarray:
+    """V_k at the fitted levels: the fit's share of each whole level's drafting part (its
+    level above k = 0) that came per drafting row, applied to the level that stands (the
+    median where it replaced the regression's). A k without samples takes the smallest share
+    of the measured ones: the rest of a guessed step is fixed, the dearer reading of a partly
+    cold step. Where every sample drafted on all rows the ridge leaves V at about 0."""
+    drafting = regressed[1:] - regressed[0]
+    frac = np.clip(v / np.where(drafting > 1e-9, drafting, np.inf), 0.0, 1.0)
+    mine = seen[1:]
+    frac = np.where(mine, frac, frac[mine].min() if mine.any() else 0.0)
+    return np.concatenate([[0.0], frac * np.maximum(level[1:] - level[0], 0.0)])
+
+
 def _level_spread(coef, k, share, cols, w, t, seen, level) -> np.ndarray:
     """Each level's standard error at a grid point: the fit's relative residual spread, pooled
     over every k (one k's few samples alone would fit themselves), times the level, over the
@@ -536,6 +589,37 @@ def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.maximum(out, 1e-6))
 
 
+class WarmRequests:
+    """Which running requests would draft, as the scheduler sees them (``drafter/cold.py``'s
+    rule): one first scheduled in a step at k = 0 is cold, and so is one that holds no drafts
+    after a step at the same k > 0 that it ran in (the drafter made it cold: its reused prefix
+    holds a cold request's KV). ``step`` gives the share of the requests a step leaves running
+    that are warm: the share of the next step's decode rows that would draft."""
+
+    def __init__(self):
+        self.cold: set[str] = set()
+        self._last: set[str] = set()  # the requests the previous step ran
+
+    def step(self, k: int, previous_k: int | None, admitted, drafts: dict[str, int],
+             running, finished) -> float:
+        """``admitted``: requests first scheduled in this step; ``drafts``: per decode row, the
+        drafts it verified; ``running``: this step's requests that go on, ``finished``: those
+        that ended in it."""
+        if k == 0:
+            self.cold.update(admitted)
+        elif k == previous_k:
+            self.cold.update(r for r, n in drafts.items() if n == 0 and r in self._last)
+        self.cold.difference_update(finished)
+        self._last = set(running)
+        if not self._last:
+            return 1.0
+        return 1.0 - len(self._last & self.cold) / len(self._last)
+
+    def forget(self, live) -> None:
+        """Keep only the requests in ``live`` (aborted ones never finish in a step)."""
+        self.cold.intersection_update(live)
+
+
 class AutoK:
     """Calibrate, then choose k per batch size from the measured acceptance and costs.
 
@@ -551,6 +635,7 @@ class AutoK:
     """
 
     hold = 4
+    SHARES = 8  # with cold requests, a k table per share of drafting rows, in eighths
     cold_hold = 4  # steps of an exploration from k = 0 with cold requests (see next_table)
     refit_every = 16
     # None: refit every refit_every steps. A share: also wait until the engine's time since
@@ -592,6 +677,12 @@ class AutoK:
         self.calibration_steps = calibration_steps
         self.calibration_ks = sorted({0, 1, max(1, k_max // 2), k_max})
         self.table = [k_max] * (max_batch + 1)
+        # With cold requests: the share of the next step's decode rows that would draft
+        # (``observe``'s ``warm_share``), and a table per share (in steps of 1 / SHARES, the
+        # share rounded down): the one for the current share is ``table``
+        self.share = 1.0
+        self.running: int | None = None  # the requests the last step left running
+        self._tables: dict[int, list[int]] = {}
         self.fitted: StepTimes | None = None
         self.steps = 0
         self.last_k: int | None = None
@@ -610,17 +701,22 @@ class AutoK:
     def observe(self, batch: int, k: int, prefill: int, seconds: float | None,
                 drafted: list[int], accepted: list[int], emitted: int | None = None,
                 share: float = 1.0, elapsed: float | None = None, admitted: int = 0,
-                draft_seconds: float = 0.0) -> None:
+                draft_seconds: float = 0.0, warm_share: float | None = None,
+                running: int | None = None) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
         not a sample), per request drafts verified and accepted, output tokens emitted (None:
         not counted), the share of its decode rows that drafted (below 1 only with cold
         requests), its wall seconds whether a sample or not (None: as ``seconds``; the
         engine was idle before it if both are None), the requests it admitted, and the
-        seconds the drafter's own clock gave its passes in the step."""
+        seconds the drafter's own clock gave its passes in the step, and (cold requests) the
+        share of the requests it leaves running that would draft (``WarmRequests``) and
+        how many it leaves running."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
         wall = seconds if elapsed is None else elapsed
         self._spend(batch, k, wall, emitted, draft_seconds)
+        if warm_share is not None:
+            self.share, self.running = warm_share, running
         self._since_fit += wall or 0.0
         self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
         self.last_k = k
@@ -646,9 +742,11 @@ class AutoK:
         planned = self.table[min(batch, self.max_batch)]
         explored = k != planned
         if (explored or self._explored_last) and self.fitted is not None:
-            t = float(self.fitted.step_time(batch, planned))
+            q = self._shared()
+            t = float(self.fitted.step_time(batch, planned, q))
             if emitted is not None:  # the table's seconds for these tokens
-                t *= emitted / max(batch * expected_tokens(self.profile.alpha(), planned), 1e-9)
+                e = 1.0 + q * (expected_tokens(self.profile.alpha(), planned) - 1.0)
+                t *= emitted / max(batch * e, 1e-9)
             self.overspent += seconds - t
         self._explored_last = explored
 
@@ -668,13 +766,24 @@ class AutoK:
         if self.fitted is None or (self.steps % self.refit_every == 0 and self._fit_due()):
             started = self.clock()
             self.fitted = self.costs.fit() or self.fitted
-            self.fit_seconds, self._since_fit = self.clock() - started, 0.0
-            self.fits += 1
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
-                self.table = choose_k(self.profile.alpha(), self.fitted.cautious(self.caution),
-                                      self.max_batch, self.k_max, self.admission,
-                                      self.tokens_per_request)
+                cautious, alpha = self.fitted.cautious(self.caution), self.profile.alpha()
+                shares = range(self.SHARES + 1) if self.price_admission else [self.SHARES]
+                self._tables = {q: choose_k(alpha, cautious, self.max_batch, self.k_max,
+                                            self.admission, self.tokens_per_request,
+                                            q / self.SHARES) for q in shares}
+            self.fit_seconds, self._since_fit = self.clock() - started, 0.0
+            self.fits += 1
+        if self._tables:
+            q = round(self._shared() * self.SHARES)
+            self.table = self._tables[q]
+            if q < self.SHARES and self.running is not None:
+                # a batch size above the running requests' admits some: whether they draft
+                # is decided by that step's k (drafter/cold.py), so there it is the k that
+                # pays once every row drafts; below, the k that pays at the running share
+                top = self.running + 1
+                self.table = self.table[:top] + self._tables[self.SHARES][top:]
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps
@@ -696,6 +805,13 @@ class AutoK:
         nudge = 1 if turn == 0 else -1
         return [up if k == 0 and cold else min(self.k_max, max(0, k + nudge))
                 for k in self.table]
+
+    def _shared(self) -> float:
+        """The share the table is chosen at: ``share`` rounded down to a step of 1 / SHARES
+        (1 without cold requests)."""
+        if not self.price_admission:
+            return 1.0
+        return np.floor(self.share * self.SHARES + 1e-9) / self.SHARES
 
     def _fit_due(self) -> bool:
         return self.fit_budget is None or self._since_fit * self.fit_budget >= self.fit_seconds

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lvspec_vllm.auto_k import (AcceptanceProfile, AutoK, Costs, DraftPassCost, StepCostModel,
-                                StepTimes, choose_k, decode_share, expected_tokens,
-                                goodput_table)
+                                StepTimes, WarmRequests, choose_k, decode_share,
+                                expected_tokens, goodput_table)
 from lvspec_vllm.testing import cold_engine
 
 
@@ -502,6 +502,39 @@ def test_a_step_whose_decode_rows_lack_drafts_is_no_sample():
     assert [s[-1] for s in ctl.auto.costs.samples] == [1.0, 0.5]
 
 
+def test_the_controller_tells_auto_k_the_share_of_running_requests_that_would_draft():
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches.scheduler import AutoKController
+
+    live = {}
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=[0] * 5, requests=live,
+                                get_num_unfinished_requests=lambda: len(live))
+    ctl = AutoKController(scheduler, 4, price_admission=True)
+
+    def step(k, new, drafts, finished=()):
+        live.update((r, None) for r in new)
+        rows = {**{r: 100 for r in new}, **{r: 1 + len(d) for r, d in drafts.items()}}
+        out = SimpleNamespace(
+            num_scheduled_tokens=rows, total_num_scheduled_tokens=sum(rows.values()),
+            num_spec_tokens_to_schedule=k,
+            scheduled_new_reqs=[SimpleNamespace(req_id=r) for r in new],
+            scheduled_spec_decode_tokens={r: d for r, d in drafts.items() if d})
+        result = SimpleNamespace(req_id_to_index={r: i for i, r in enumerate(rows)},
+                                 sampled_token_ids=[[1]] * len(rows))
+        for r in finished:  # vLLM frees them in update_from_output, before the hook
+            live.pop(r)
+        ctl.after_step(scheduler, out, result)
+        return ctl.auto.share, ctl.auto.running
+
+    assert step(4, ["a", "b"], {}) == (1.0, 2)
+    assert step(0, ["c"], {"a": [5] * 4, "b": [5] * 4}) == (pytest.approx(2 / 3), 3)
+    assert step(0, [], {"a": [], "b": [], "c": []}, finished=["a"]) == (0.5, 2)
+    # without cold requests the controller keeps no such account
+    assert AutoKController(scheduler, 4).warm is None
+
+
 def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
     # With cold requests a step at k = 4 where a share s of the decode rows draft costs
     # T(0) + F + s V. Shares that differ tell F and V apart: k = 4 is never measured whole,
@@ -537,6 +570,109 @@ def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
     fitted = model.fit()
     assert fitted.step_time(8, 0) == pytest.approx(true[0])
     assert fitted.step_time(8, 1) == pytest.approx(0.012)
+
+
+def test_a_partly_cold_step_is_priced_by_the_fixed_and_per_row_parts_fitted():
+    true = {0: 0.010, 4: 0.018}
+    for fixed in (0.0, 0.004, 0.008):
+        model = StepCostModel(4, 8, min_samples=8)
+        for share in (0.25, 0.5, 0.75, 1.0) * 20:
+            model.add(8, 0, true[0])
+            model.add(8, 4, true[0] + fixed + share * (true[4] - true[0] - fixed), 0, share)
+        fitted = model.fit()
+        for share in (0.25, 0.5):
+            want = true[0] + fixed + share * (true[4] - true[0] - fixed)
+            assert fitted.step_time(8, 4, share) == pytest.approx(want, rel=0.03)
+        assert fitted.step_time(8, 0, 0.25) == pytest.approx(true[0])
+    # whole steps alone tell no per-row part: a partly cold step is priced as a whole one
+    model = StepCostModel(4, 8, min_samples=8)
+    for _ in range(12):
+        model.add(8, 0, true[0])
+        model.add(8, 4, true[4])
+    assert model.fit().step_time(8, 4, 0.25) == pytest.approx(true[4], rel=0.01)
+
+
+def test_a_step_is_priced_at_the_share_of_its_rows_that_draft():
+    # k = 4 pays on whole steps (alpha 0.8: 3.36 tokens a row in 2.2 times a k = 0 step)
+    grid = np.array([1.0, 2.0, 4.0])
+    levels = np.array([[0.010, 0.018, 0.020, 0.021, 0.022]] * 3)
+    alpha = [0.8] * 4
+    fixed = StepTimes(grid, levels)  # a drafting step's cost all fixed
+    assert choose_k(alpha, fixed, 4, 4)[4] == 4
+    # with a quarter of the rows drafting the step costs as much for 1.59 tokens a row
+    assert choose_k(alpha, fixed, 4, 4, share=0.25)[4] == 0
+    # where the cost is per drafting row instead, a quarter still pays
+    per_row = StepTimes(grid, levels, per_row=levels - levels[:, :1])
+    assert per_row.step_time(4, 4, 0.25) == pytest.approx(0.010 + 0.25 * 0.012)
+    assert choose_k(alpha, per_row, 4, 4, share=0.25)[4] == 4
+    for share in (0.0, 0.25, 1.0):
+        g = goodput_table(alpha, fixed, 4, 4, share=share)
+        assert g[4, 4] == pytest.approx(4 * (1 + share * (expected_tokens(alpha, 4) - 1)) / 0.022)
+        assert g[4, 0] == pytest.approx(4 / 0.010)
+    # the closed form: at share 0 a drafting step costs its fixed part only
+    costs = Costs(a=0.004, b=1e-4, c=1e-3, d=2e-5, k0_pass=False)
+    assert costs.step_time(8, 4, 0.0) == pytest.approx(0.004 + 8e-4 + 4e-3)
+    assert costs.step_time(8, 4, 1.0) == pytest.approx(float(costs.step_time(8, 4)))
+
+
+def test_warm_requests_as_the_scheduler_sees_them():
+    warm = WarmRequests()
+    assert warm.step(4, 4, ["a", "b"], {}, ["a", "b"], []) == 1.0  # admitted at k > 0: warm
+    assert warm.step(0, 4, ["c"], {"a": 4, "b": 4}, ["a", "b", "c"], []) == pytest.approx(2 / 3)
+    # after a k = 0 step no row holds drafts: nothing follows from it
+    assert warm.step(4, 0, [], {"a": 0, "b": 0, "c": 0}, ["a", "b", "c"], []) \
+        == pytest.approx(2 / 3)
+    # at the same k a row that ran in the step before and holds none is cold (the drafter made
+    # it so: a prefix hit on a cold request's blocks); d is admitted now, at k > 0
+    assert warm.step(4, 4, ["d"], {"a": 4, "b": 0, "c": 0}, ["a", "b", "c", "d"], []) == 0.5
+    assert warm.cold == {"b", "c"}
+    assert warm.step(4, 4, [], {"a": 4, "b": 0, "c": 0, "d": 4}, ["a", "d"], ["b", "c"]) == 1.0
+    assert warm.cold == set()
+    warm.step(0, 4, ["e"], {"a": 4, "d": 4}, ["a", "d", "e"], [])
+    warm.forget({"a", "d"})  # e aborted
+    assert warm.cold == set()
+    assert warm.step(0, 0, [], {}, [], []) == 1.0  # nobody left: a new request decides
+
+
+def test_with_cold_requests_k_follows_the_share_of_rows_that_would_draft():
+    # whole steps at k = 4 pay at every batch size, a drafting step's cost is all fixed
+    auto = AutoK(4, 8, price_admission=True)
+    auto.caution = 0.0
+    auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0, 8.0]),
+                            np.array([[0.010, 0.018, 0.020, 0.021, 0.022]] * 4))
+    auto.profile.alpha = lambda: np.full(4, 0.8)
+
+    def table(share, running):
+        auto.observe(running or 1, 0, 0, None, [], [], warm_share=share, running=running)
+        auto.steps = auto.calibration_steps + auto.refit_every
+        auto.next_table()
+        return auto.table[1:]
+
+    assert table(1.0, 3) == [4] * 8
+    # a quarter of three running requests would draft: at batch sizes 1-3 (no admission) the
+    # step does not pay; above, the step admits requests, and its k decides whether they draft
+    assert table(0.25, 3) == [0] * 3 + [4] * 5
+    assert table(0.0, 8) == [0] * 8
+    # the share is rounded down to eighths: 7 of 8 warm rows price as 0.875
+    assert table(7 / 8, 8) == [4] * 8
+    # without cold requests every row drafts
+    auto = AutoK(4, 8)
+    auto.observe(1, 0, 0, None, [], [], warm_share=0.0, running=8)
+    assert auto._shared() == 1.0
+
+
+def test_with_cold_requests_a_partly_cold_load_is_not_run_at_the_whole_steps_k():
+    # Requests arrive a few steps after one finishes, so the batch size moves under four;
+    # a drafting step costs a fixed part as dear as a k = 0 step. The k = 0 the partly cold
+    # batches need, and k = 4 once the rows are warm: priced as whole steps, the third window
+    # ran at 0.87x never drafting.
+    windows = []
+    runs = [cold_engine.run(c, steps=4000, alpha=0.8, draft_fixed=0.01, gap=6)
+            for c in (AutoK(4, 4, price_admission=True), cold_engine.NeverDrafts())]
+    for i in range(1000, 4000, 1000):
+        ours, never = (cold_engine.tokens_per_second(r[i:i + 1000]) for r in runs)
+        windows.append(ours / never)
+    assert min(windows) >= 0.95, windows
 
 
 def test_the_normal_equations_are_the_dense_least_squares():

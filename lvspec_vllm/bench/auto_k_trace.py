@@ -86,12 +86,8 @@ def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict
         if seconds is not None and k == previous:
             model.add(b, k, seconds, p, share)
     fitted = model.fit()
-    g = fitted.index(batch)
-    rows = model._bucket(int(np.abs(np.log2(model.grid) - np.log2(batch)).argmin()))
-    whole = (rows[:, 0] == batch) & (rows[:, 2] == 0) & (rows[:, 5] == 1.0)
-    medians = {int(k): float(np.median(rows[whole & (rows[:, 1] == k), 3]))
-               for k in np.unique(rows[whole, 1])}
-    return {"levels_ms": [round(1e3 * float(t), 2) for t in fitted.times[g]],
+    medians = {k: float(np.median(t)) for k, t in model.own_steps(batch).items()}
+    return {"levels_ms": [round(1e3 * float(t), 2) for t in fitted.times[fitted.index(batch)]],
             "kept_medians_ms": {k: round(1e3 * t, 2) for k, t in medians.items()}}
 
 

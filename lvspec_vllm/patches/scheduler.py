@@ -14,12 +14,15 @@ model's inputs (alpha, the fitted step times at the current batch size, the draf
 prompt token) are logged every 10 s. With cold requests the drafter's timed passes arrive on
 the step's output (``runner_output.py``) and are fed to the controller here too.
 With cold requests a step at k > 0 whose decode rows are partly cold is a sample of the share
-that drafted. With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to
-that file as one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share,
-wall seconds, the table's k]`` (seconds: None where the step is no sample; wall seconds: None
+that drafted, and the hook tells the controller which running requests would draft at all
+(``auto_k.WarmRequests``): the next step's k is chosen at their share.
+With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to that file as
+one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share, wall seconds,
+the table's k, warm share]`` (seconds: None where the step is no sample; wall seconds: None
 after an idle engine; the table's k: what ``auto_k`` chose for the batch size, which an
-exploration's k differs from). ``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises
-it.
+exploration's k differs from; warm share: the share of the requests the step leaves running
+that would draft, None without cold requests). ``python -m lvspec_vllm.bench.auto_k_trace
+<file>`` summarises it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 
 from lvspec_vllm import metrics
 from lvspec_vllm._logging import get_logger
-from lvspec_vllm.auto_k import AutoK, decode_share
+from lvspec_vllm.auto_k import AutoK, WarmRequests, decode_share
 from lvspec_vllm.config import LVSpecConfig
 from lvspec_vllm.patches import Patch
 from lvspec_vllm.patches.runner_output import draft_passes
@@ -55,6 +58,8 @@ class AutoKController:
         self.auto = AutoK(k_max, self.max_batch, price_admission=price_admission)
         self.auto.fit_budget = FIT_BUDGET
         self.cold = price_admission  # draft_cold_requests: some decode rows never draft
+        self.warm = WarmRequests() if price_admission else None
+        self.warm_share = 1.0
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -90,9 +95,24 @@ class AutoKController:
             drafted.append(len(drafts))
             accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
         # a decode row is its input token plus its drafts; everything else is prefill
-        decode_rows = [len(spec.get(req_id, ()))
-                       for req_id, n in scheduler_output.num_scheduled_tokens.items()
-                       if n == 1 + len(spec.get(req_id, ()))]
+        decode = {req_id: len(spec.get(req_id, ()))
+                  for req_id, n in scheduler_output.num_scheduled_tokens.items()
+                  if n == 1 + len(spec.get(req_id, ()))}
+        decode_rows = list(decode.values())
+        warm_share = None
+        if self.warm is not None:
+            # the next step's rows: this step's, less those that finished (vLLM has already
+            # dropped them from ``scheduler.requests``)
+            live = getattr(scheduler, "requests", None)
+            ids = scheduler_output.num_scheduled_tokens.keys()
+            running = ids if live is None else [r for r in ids if r in live]
+            finished = () if live is None else [r for r in ids if r not in live]
+            warm_share = self.warm.step(
+                k, self.last_k, [r.req_id for r in scheduler_output.scheduled_new_reqs],
+                decode, running, finished)
+            if live is not None and self.auto.steps % 1024 == 0:
+                self.warm.forget(live)
+            self.warm_share = warm_share
         prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
             - len(decode_rows)
         # the share of the decode rows that drafted (cold requests do not); None: no sample
@@ -101,14 +121,15 @@ class AutoKController:
         if self._trace is not None:
             planned = self.auto.table[min(batch, self.max_batch)]
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
-                                          share, elapsed, planned]) + "\n")
+                                          share, elapsed, planned, warm_share]) + "\n")
         emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
         passes = draft_passes(model_runner_output)
         self.auto.observe_draft(passes)
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
                           1.0 if share is None else share, elapsed=elapsed,
                           admitted=len(scheduler_output.scheduled_new_reqs),
-                          draft_seconds=sum(p[-1] for p in passes))
+                          draft_seconds=sum(p[-1] for p in passes), warm_share=warm_share,
+                          running=None if warm_share is None else len(running))
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
@@ -161,12 +182,13 @@ class AutoKController:
                 round(float(t) * 1e3, 2) for t in fitted.spread[fitted.index(batch)]]
             admission, per_request = self.auto.admission, self.auto.tokens_per_request
             logger.info(
-                "LVSpec auto k: batch %d -> k %d; alpha %s; step ms by k at this batch %s "
+                "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha %s; "
+                "step ms by k at this batch, all rows drafting %s "
                 "(standard errors %s; measured near it: k %s); output tokens per request %s; "
                 "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
                 "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
                 "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
-                batch, self.last_k,
+                batch, self.last_k, self.warm_share,
                 [round(float(a), 2) for a in self.auto.profile.alpha()], costs, spread,
                 measured,
                 "n/a" if per_request is None else round(per_request, 1),

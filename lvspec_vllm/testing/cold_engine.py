@@ -20,25 +20,36 @@ from __future__ import annotations
 import argparse
 import random
 
-from lvspec_vllm.auto_k import AutoK, decode_share
+from lvspec_vllm.auto_k import AutoK, WarmRequests, decode_share
 from lvspec_vllm.drafter.cold import ColdRequests
 from lvspec_vllm.drafter.lag import Row
 
 
 def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
-        seed: int = 9, draft_fixed: float = 0.0) -> list[tuple[int, float | None, int, float, int]]:
+        seed: int = 9, draft_fixed: float = 0.0,
+        gap: int = 0) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
-    ``concurrency`` requests, its seconds, output tokens emitted)."""
+    ``concurrency`` requests, its seconds, output tokens emitted). ``gap``: a finished
+    request's successor arrives after 0 to ``gap`` steps (the batch size moves under
+    ``concurrency``, as a serving client's round trips make it)."""
     rng = random.Random(seed)
+    arrivals: list[int] = []  # the steps at which the next requests arrive
     cold = ColdRequests(block_size=16)
+    warm_requests = WarmRequests()
     live: dict[str, list] = {}  # id -> [tokens left, drafts held (None: prefill this step)]
     serial, previous, seen = 0, None, []
     for step in range(steps):
-        while len(live) < concurrency:
+        while len(live) + len(arrivals) < concurrency:
+            arrivals.append(step + rng.randint(0, gap))
+        for due in [a for a in arrivals if a <= step]:
+            arrivals.remove(due)
             live[f"r{serial}"] = [output, None]
             serial += 1
         batch = len(live)
+        if not batch:
+            previous = None
+            continue
         k = auto.next_table()[batch]
         ids = list(live)
         is_cold = cold.step([Row(r, 0, 1, live[r][1] is not None) for r in ids], k,
@@ -60,11 +71,6 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         share = decode_share(k, previous, held, cold=True)
         t *= rng.uniform(0.98, 1.02)
         emitted = sum(1 + m for m in accepted)
-        auto.observe(batch, k, 0, None if share is None else t,
-                     [n for n in held if n], [m for n, m in zip(held, accepted) if n],
-                     emitted, 1.0 if share is None else share, elapsed=t,
-                     admitted=len(ids) - len(decode))
-        seen.append((k, share, auto.table[concurrency], t, emitted))
         for r, m in zip(decode, accepted):
             live[r][0] -= 1 + m
         for r, c in zip(ids, is_cold):
@@ -72,6 +78,16 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
             if live[r][0] <= 0:
                 del live[r]
         cold.forget(live)
+        # as the scheduler's hook sees it (patches/scheduler.py)
+        warm_share = warm_requests.step(k, previous, [r for r in ids if r not in decode],
+                                        dict(zip(decode, held)), [r for r in ids if r in live],
+                                        [r for r in ids if r not in live])
+        auto.observe(batch, k, 0, None if share is None else t,
+                     [n for n in held if n], [m for n, m in zip(held, accepted) if n],
+                     emitted, 1.0 if share is None else share, elapsed=t,
+                     admitted=len(ids) - len(decode), warm_share=warm_share,
+                     running=len(live))
+        seen.append((k, share, auto.table[concurrency], t, emitted))
         previous = k
     return seen
 
@@ -98,6 +114,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--gap", type=int, default=0,
+                    help="a finished request's successor arrives after 0 to GAP steps")
     ap.add_argument("--draft-fixed", type=float, default=0.0,
                     help="seconds a step pays once when any row drafts")
     ap.add_argument("--explore-budget", type=float, default=AutoK.explore_budget,
@@ -105,8 +123,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     auto = AutoK(4, 4, price_admission=True)
     auto.explore_budget = args.explore_budget
-    seen = run(auto, args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed)
-    never = run(NeverDrafts(), args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed)
+    seen = run(auto, args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap)
+    never = run(NeverDrafts(), args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed,
+                gap=args.gap)
     for i in range(0, len(seen), args.window):
         part = seen[i:i + args.window]
         shares = [s for k, s, *_ in part if s is not None and k]
