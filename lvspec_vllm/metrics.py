@@ -173,6 +173,13 @@ class LVSpecCollector:
                                     "token costs the draft, as auto_k prices it (0: not yet "
                                     "measured).",
                                     value=totals.get("auto_k_draft_prompt_token_seconds", 0))
+        if "auto_k_running" in totals:  # draft_cold_requests: the share k is chosen at
+            running = totals["auto_k_running"]
+            yield GaugeMetricFamily("lvspec:auto_k_warm_share", "Of the requests the latest "
+                                    "step left running, the share that would draft (not cold); "
+                                    "auto_k prices its k at it.",
+                                    value=totals.get("auto_k_warm", 0) / running if running
+                                    else 1.0)
         for metric, (doc, label, values) in METRICS.items():
             family = CounterMetricFamily(metric, doc, labels=[label] if label else None)
             if label is None:

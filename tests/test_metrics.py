@@ -60,7 +60,8 @@ def test_auto_k_snapshot_reaches_prometheus_text(tmp_path):
     (tmp_path / "core-1.json").write_text(
         '{"auto_k_steps_0": 3, "auto_k_steps_4": 9, "auto_k_last": 4, '
         '"auto_k_elapsed_seconds": 8.0, "auto_k_overspent_seconds": 0.2, '
-        '"auto_k_draft_passes": 12, "auto_k_draft_prompt_token_seconds": 3e-05}')
+        '"auto_k_draft_passes": 12, "auto_k_draft_prompt_token_seconds": 3e-05, '
+        '"auto_k_running": 4, "auto_k_warm": 1}')
     registry = CollectorRegistry()
     registry.register(LVSpecCollector(str(tmp_path)))
     text = generate_latest(registry).decode()
@@ -69,5 +70,7 @@ def test_auto_k_snapshot_reaches_prometheus_text(tmp_path):
     assert "lvspec:auto_k_exploration_cost_ratio 0.025" in text
     assert "lvspec:auto_k_draft_passes_total 12.0" in text
     assert "lvspec:auto_k_draft_prompt_token_seconds 3e-05" in text
+    assert "lvspec:auto_k_warm_share 0.25" in text
     (tmp_path / "core-1.json").write_text('{"auto_k_steps_0": 3, "auto_k_last": 0}')
-    assert "auto_k_draft" not in generate_latest(registry).decode()  # no cold requests
+    text = generate_latest(registry).decode()
+    assert "auto_k_draft" not in text and "warm_share" not in text  # no cold requests

@@ -161,6 +161,10 @@ class AutoKController:
             snap["auto_k_last"] = self.last_k
             snap["auto_k_elapsed_seconds"] = self.auto.elapsed
             snap["auto_k_overspent_seconds"] = self.auto.overspent
+            if self.warm is not None and self.auto.running is not None:
+                # counts, not the share: the collector sums every engine core's files
+                snap["auto_k_running"] = self.auto.running
+                snap["auto_k_warm"] = round(self.auto.share * self.auto.running)
             if self.auto.draft_cost.count:
                 snap["auto_k_draft_passes"] = self.auto.draft_cost.count
                 snap["auto_k_draft_prompt_token_seconds"] = price or 0.0
