@@ -235,6 +235,12 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert s["k_above_0_samples"] == {"whole": 0, "partly cold": 1, "all cold": 0}
     assert s["decode_ms"] == {"4,0": (2, pytest.approx(10.0))}
     assert s["cold_ms"] == {"4,1": {"partly cold": (1, pytest.approx(20.0))}}
+    assert s["tokens"] == {}  # no output tokens in this format
+    # with the output tokens: what the whole steps emitted, a row and per wall second
+    rows = [[2, 4, 0, 0.020, 4, 1.0, 0.020, 4, 1.0, 6],
+            [2, 4, 0, 0.010, 4, 1.0, 0.010, 4, 1.0, 4],
+            [2, 4, 0, 0.010, 4, 0.5, 0.010, 4, 0.5, 3]]  # partly cold: not counted
+    assert summarise(rows)["tokens"] == {"2,4": (pytest.approx(2.5), pytest.approx(3.0))}
 
 
 def test_auto_k_trace_refit_prints_the_levels_beside_the_kept_steps_medians(tmp_path, capsys):

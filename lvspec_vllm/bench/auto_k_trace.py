@@ -2,13 +2,16 @@
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
 JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
-decode rows that drafted, wall seconds, the table's k]`` (older traces stop after the share or
-before it; their seconds are the wall time of the steps that were samples). Printed: the
-share of wall time in steps that computed prefill chunks and in explorations (steps at a k
-off the table, and the step after each), and per batch size and k the median time of the
-whole decode-only steps auto_k fits (k kept from the step before, every decode row drafting),
-beside the steps it leaves out. With ``--fit-at B``: the step-cost fit of the trace's samples,
-its levels at batch size B beside the medians of the steps kept there (``refit``).
+decode rows that drafted, wall seconds, the table's k, share of running requests that would
+draft, output tokens]`` (older traces stop earlier; without the wall seconds, their seconds
+are the wall time of the steps that were samples). Printed: the share of wall time in steps
+that computed prefill chunks and in explorations (steps at a k off the table, and the step
+after each), and per batch size and k the median time of the whole decode-only steps auto_k
+fits (k kept from the step before, every decode row drafting), beside the steps it leaves
+out, and with output tokens in the trace what those steps emitted (tokens a row, wall ms per
+token: the goodput auto_k's model predicts). With ``--fit-at B``: the step-cost fit of the
+trace's samples, its levels at batch size B beside the medians of the steps kept there
+(``refit``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def summarise(lines: list[list]) -> dict:
             explored.append(_wall(row))
         after = off
     decode = defaultdict(list)
+    emitted = defaultdict(list)  # (batch, k) -> (tokens, seconds) of its whole steps
     cold = defaultdict(lambda: defaultdict(list))  # (batch, k) -> kind -> seconds
     # samples at k > 0 by the share of decode rows that drafted (cold requests)
     shares = {"whole": 0, "partly cold": 0, "all cold": 0}
@@ -49,6 +53,8 @@ def summarise(lines: list[list]) -> dict:
         # the medians are of whole steps at k (and apart, of the partly and all cold ones)
         if p == 0 and k == previous and s == 1.0:
             decode[(batch, k)].append(seconds)
+            if len(row) > 9:
+                emitted[(batch, k)].append((row[9], seconds))
         elif p == 0 and kind:
             cold[(batch, k)][kind].append(_wall(row))
     return {
@@ -60,6 +66,10 @@ def summarise(lines: list[list]) -> dict:
         "k_above_0_samples": shares,
         "decode_ms": {f"{b},{k}": (len(v), 1e3 * statistics.median(v))
                       for (b, k), v in sorted(decode.items())},
+        # what the whole steps emitted: output tokens a row, and wall ms per output token
+        "tokens": {f"{b},{k}": (sum(n for n, _ in v) / (b * len(v)),
+                                1e3 * sum(t for _, t in v) / max(sum(n for n, _ in v), 1))
+                   for (b, k), v in sorted(emitted.items())},
         "cold_ms": {f"{b},{k}": {kind: (len(v), 1e3 * statistics.median(v))
                                  for kind, v in kinds.items()}
                     for (b, k), kinds in sorted(cold.items())},
@@ -120,6 +130,8 @@ def main(argv=None) -> None:
     for key in keys:
         n, ms = s["decode_ms"].get(key, (0, None))
         line = f"  {key}: {n} steps" + (f", {ms:.2f} ms" if n else "")
+        if key in s["tokens"]:
+            line += " ({:.2f} tokens a row, {:.2f} ms a token)".format(*s["tokens"][key])
         for kind, (m, cold_ms) in sorted(s["cold_ms"].get(key, {}).items(), reverse=True):
             line += f"; {m} {kind}, {cold_ms:.2f} ms"
         print(line)

@@ -18,11 +18,11 @@ that drafted, and the hook tells the controller which running requests would dra
 (``auto_k.WarmRequests``): the next step's k is chosen at their share.
 With ``LVSPEC_AUTO_K_TRACE=<file>`` every step the controller sees is appended to that file as
 one JSON line ``[batch, k, prefill tokens, seconds, previous step's k, share, wall seconds,
-the table's k, warm share]`` (seconds: None where the step is no sample; wall seconds: None
-after an idle engine; the table's k: what ``auto_k`` chose for the batch size, which an
-exploration's k differs from; warm share: the share of the requests the step leaves running
-that would draft, None without cold requests). ``python -m lvspec_vllm.bench.auto_k_trace
-<file>`` summarises it.
+the table's k, warm share, output tokens]`` (seconds: None where the step is no sample; wall
+seconds: None after an idle engine; the table's k: what ``auto_k`` chose for the batch size,
+which an exploration's k differs from; warm share: the share of the requests the step leaves
+running that would draft, None without cold requests; output tokens: what the step emitted).
+``python -m lvspec_vllm.bench.auto_k_trace <file>`` summarises it.
 """
 
 from __future__ import annotations
@@ -118,11 +118,12 @@ class AutoKController:
         # the share of the decode rows that drafted (cold requests do not); None: no sample
         share = decode_share(k, self.last_k, decode_rows, self.cold)
         seconds = None if share is None else elapsed
+        emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
         if self._trace is not None:
             planned = self.auto.table[min(batch, self.max_batch)]
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
-                                          share, elapsed, planned, warm_share]) + "\n")
-        emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
+                                          share, elapsed, planned, warm_share,
+                                          emitted]) + "\n")
         passes = draft_passes(model_runner_output)
         self.auto.observe_draft(passes)
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
