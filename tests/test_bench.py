@@ -243,6 +243,38 @@ def test_auto_k_trace_summary_splits_prefill_and_the_steps_auto_k_fits():
     assert summarise(rows)["tokens"] == {"2,4": (pytest.approx(2.5), pytest.approx(3.0))}
 
 
+def test_auto_k_trace_time_by_kind_and_the_acceptance_at_one_request(tmp_path, capsys):
+    from lvspec_vllm.bench import auto_k_trace
+
+    rows = [[1, 0, 0, 0.005, 0, 1.0, 0.005, 0, 1.0, 1],
+            [1, 0, 0, 0.005, 0, 1.0, 0.005, 0, 1.0, 1],
+            [1, 2, 0, None, 0, None, 0.010, 0, 1.0, 1],    # an exploration: the switch
+            [1, 2, 0, 0.015, 2, 1.0, 0.015, 0, 1.0, 3],    # whole, all accepted
+            [1, 2, 0, 0.015, 2, 1.0, 0.015, 2, 1.0, 1],    # the table's: none accepted
+            [1, 2, 0, 0.015, 2, 1.0, 0.015, 2, 1.0, 2],
+            [1, 2, 30, 0.050, 2, 1.0, 0.050, 2, 1.0, 1],   # prefill: not an outcome
+            [2, 0, 0, 0.007, 0, 1.0, 0.007, 0, 1.0, 2]]    # another batch size
+    t = auto_k_trace.time_by_kind(rows, 1, 1)
+    total = 0.005 * 2 + 0.010 + 0.015 * 3 + 0.050
+    assert t[("whole", "decode", "table")] == (2, pytest.approx(0.030 / total),
+                                               pytest.approx(15.0), pytest.approx(10.0))
+    assert t[("switch", "decode", "exploration")][:3] == (1, pytest.approx(0.010 / total),
+                                                         pytest.approx(10.0))
+    assert t[("k = 0", "decode", "table")][0] == 2
+    assert sum(n for n, *_ in t.values()) == 7
+    # whole steps at one request emitting 3, 1 and 2 tokens: position 1 accepted in 2 of 3,
+    # position 2 in 1 of 2
+    a = auto_k_trace.acceptance_at_one(rows)
+    assert a == {2: {"emitted": [1, 1, 1], "alpha": [pytest.approx(2 / 3), 0.5]}}
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    auto_k_trace.main([str(path), "--batches", "1"])
+    assert "whole, decode, table: 2, " in capsys.readouterr().out
+    auto_k_trace.main([str(path)])
+    assert "batch 1, k = 2, whole decode-only steps emitting 1..3 tokens: [1, 1, 1]" \
+        in capsys.readouterr().out
+
+
 def test_auto_k_trace_refit_prints_the_levels_beside_the_kept_steps_medians(tmp_path, capsys):
     from lvspec_vllm.bench import auto_k_trace
 

@@ -1,4 +1,5 @@
-"""What auto_k saw, per step: ``python -m lvspec_vllm.bench.auto_k_trace TRACE [--fit-at B]``.
+"""What auto_k saw, per step: ``python -m lvspec_vllm.bench.auto_k_trace TRACE [--fit-at B]
+[--batches LO-HI]``.
 
 TRACE is the file a run wrote with ``LVSPEC_AUTO_K_TRACE`` set (``patches/scheduler.py``): one
 JSON line per engine step, ``[batch, k, prefill tokens, seconds, previous step's k, share of
@@ -11,7 +12,8 @@ fits (k kept from the step before, every decode row drafting), beside the steps 
 out, and with output tokens in the trace what those steps emitted (tokens a row, wall ms per
 token: the goodput auto_k's model predicts). With ``--fit-at B``: the step-cost fit of the
 trace's samples, its levels at batch size B beside the medians of the steps kept there
-(``refit``).
+(``refit``). With ``--batches LO-HI``: where the time went at those batch sizes, by kind of
+step (``time_by_kind``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,58 @@ def summarise(lines: list[list]) -> dict:
     }
 
 
+def _kind(row: list) -> str:
+    k, previous = row[1], row[4]
+    share = row[5] if len(row) > 5 else (1.0 if k == previous else None)
+    if k == 0:
+        return "k = 0" if previous == 0 else "switch"
+    if share is None:
+        return "switch"
+    return "whole" if share == 1.0 else "all cold" if share == 0 else "partly cold"
+
+
+def time_by_kind(lines: list[list], lo: int, hi: int) -> dict:
+    """Of the timed steps at batch sizes ``lo``-``hi``: per (kind, decode or prefill, chosen by
+    the table or an exploration) the steps, their share of the time, ms per step and, with
+    output tokens in the trace, ms per output token. Kinds: k = 0, whole (k > 0, every decode
+    row drafting), partly cold, all cold, switch (k differs from the step before)."""
+    groups = defaultdict(lambda: [0, 0.0, 0])
+    for row in lines:
+        wall = _wall(row)
+        if not lo <= row[0] <= hi or wall is None:
+            continue
+        source = "exploration" if len(row) > 7 and row[1] != row[7] else "table"
+        g = groups[(_kind(row), "prefill" if row[2] > 0 else "decode", source)]
+        g[0] += 1
+        g[1] += wall
+        g[2] += row[9] if len(row) > 9 else 0
+    total = sum(g[1] for g in groups.values()) or 1.0
+    return {key: (n, t / total, 1e3 * t / n, 1e3 * t / tokens if tokens else None)
+            for key, (n, t, tokens) in sorted(groups.items(), key=lambda kv: -kv[1][1])}
+
+
+def acceptance_at_one(lines: list[list]) -> dict[int, dict]:
+    """Per k > 0, from the whole decode-only steps at batch size 1 (one row: the step's output
+    tokens are 1 + its accepted drafts): how many steps emitted 1..k+1 tokens, and the
+    acceptance per draft position they imply (``AcceptanceProfile``'s alpha, from these steps
+    alone)."""
+    counts = defaultdict(lambda: defaultdict(int))
+    for row in lines:
+        if len(row) > 9 and row[0] == 1 and row[1] > 0 and row[2] == 0 \
+                and row[1] == row[4] and row[5] == 1.0:
+            counts[row[1]][min(row[9], row[1] + 1)] += 1
+    out = {}
+    for k, c in sorted(counts.items()):
+        emitted = [c[n] for n in range(1, k + 2)]
+        alpha, reached = [], sum(emitted)
+        for j in range(1, k + 1):
+            passed = sum(emitted[j:])
+            alpha.append(passed / reached if reached else None)
+            reached = passed
+        out[k] = {"emitted": emitted, "alpha": alpha}
+    return out
+
+
 def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict:
     """The trace's samples fed to ``StepCostModel`` as the controller kept them (a step at the
     previous step's k, its share of drafting rows), and its levels at ``batch`` after the last
@@ -110,9 +164,20 @@ def main(argv=None) -> None:
                     help="refit the trace's samples and print the levels at this batch size")
     ap.add_argument("--own-samples", type=int, default=None,
                     help="StepCostModel.own_samples for --fit-at (a huge one: regression only)")
+    ap.add_argument("--batches", default=None, metavar="LO-HI",
+                    help="where the time went at these batch sizes, by kind of step")
     args = ap.parse_args(argv)
     with open(args.trace) as f:
         lines = [json.loads(line) for line in f if line.strip()]
+    if args.batches is not None:
+        lo, _, hi = args.batches.partition("-")
+        print(f"batch sizes {args.batches}: kind, decode or prefill, chosen by: steps, share of "
+              "the time, ms a step (ms an output token)")
+        for key, (n, share, ms, per_token) in time_by_kind(lines, int(lo),
+                                                          int(hi or lo)).items():
+            tail = f" ({per_token:.2f})" if per_token is not None else ""
+            print(f"  {', '.join(key)}: {n}, {100 * share:.1f} %, {ms:.2f}{tail}")
+        return
     if args.fit_at is not None:
         r = refit(lines, args.fit_at, args.own_samples)
         print(f"batch {args.fit_at}: fitted step ms by k {r['levels_ms']}; median of the whole "
@@ -135,6 +200,10 @@ def main(argv=None) -> None:
         for kind, (m, cold_ms) in sorted(s["cold_ms"].get(key, {}).items(), reverse=True):
             line += f"; {m} {kind}, {cold_ms:.2f} ms"
         print(line)
+    for k, a in acceptance_at_one(lines).items():
+        print(f"batch 1, k = {k}, whole decode-only steps emitting 1..{k + 1} tokens: "
+              f"{a['emitted']}; acceptance per draft position they imply "
+              f"{[None if x is None else round(x, 2) for x in a['alpha']]}")
 
 
 if __name__ == "__main__":
