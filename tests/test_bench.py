@@ -264,8 +264,14 @@ def test_auto_k_trace_time_by_kind_and_the_acceptance_at_one_request(tmp_path, c
     assert sum(n for n, *_ in t.values()) == 7
     # whole steps at one request emitting 3, 1 and 2 tokens: position 1 accepted in 2 of 3,
     # position 2 in 1 of 2
-    a = auto_k_trace.acceptance_at_one(rows)
-    assert a == {2: {"emitted": [1, 1, 1], "alpha": [pytest.approx(2 / 3), 0.5]}}
+    a = auto_k_trace.acceptance_at_one(rows, span=2)
+    # the first three whole steps follow no prefill step at batch 1: not placed along a request
+    assert a == {2: {"emitted": [1, 1, 1], "alpha": [pytest.approx(2 / 3), 0.5], "along": []}}
+    # a request alone: its prefill step (1 token), then whole steps at k = 2 of 3, 3 and 1
+    one = [[1, 2, 30, 0.05, 2, 1.0, 0.05, 2, 1.0, 1]] + [
+        [1, 2, 0, 0.015, 2, 1.0, 0.015, 2, 1.0, n] for n in (3, 3, 1)]
+    a = auto_k_trace.acceptance_at_one(one, span=4)
+    assert a[2]["along"] == [(0, 1, 3.0), (4, 2, 2.0)]  # after 1 and 4, 7 tokens
     path = tmp_path / "trace.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
     auto_k_trace.main([str(path), "--batches", "1"])

@@ -108,16 +108,29 @@ def time_by_kind(lines: list[list], lo: int, hi: int) -> dict:
             for key, (n, t, tokens) in sorted(groups.items(), key=lambda kv: -kv[1][1])}
 
 
-def acceptance_at_one(lines: list[list]) -> dict[int, dict]:
+def acceptance_at_one(lines: list[list], span: int = 8) -> dict[int, dict]:
     """Per k > 0, from the whole decode-only steps at batch size 1 (one row: the step's output
-    tokens are 1 + its accepted drafts): how many steps emitted 1..k+1 tokens, and the
-    acceptance per draft position they imply (``AcceptanceProfile``'s alpha, from these steps
-    alone)."""
+    tokens are 1 + its accepted drafts): how many steps emitted 1..k+1 tokens, the acceptance
+    per draft position they imply (``AcceptanceProfile``'s alpha, from these steps alone), and
+    by the request's output so far (``span`` tokens a bucket, counted from its prefill step
+    at batch size 1) the steps and their mean output tokens: acceptance that changes along a
+    request weighs differently where drafting covers only part of it."""
     counts = defaultdict(lambda: defaultdict(int))
+    along = defaultdict(lambda: defaultdict(list))
+    done = None  # output tokens of the request running alone, since its prefill step
     for row in lines:
-        if len(row) > 9 and row[0] == 1 and row[1] > 0 and row[2] == 0 \
-                and row[1] == row[4] and row[5] == 1.0:
+        if row[0] != 1 or len(row) <= 9:
+            done = None
+            continue
+        if row[2] > 0:
+            done = row[9]
+            continue
+        if row[1] > 0 and row[1] == row[4] and row[5] == 1.0:
             counts[row[1]][min(row[9], row[1] + 1)] += 1
+            if done is not None:
+                along[row[1]][done // span].append(row[9])
+        if done is not None:
+            done += row[9]
     out = {}
     for k, c in sorted(counts.items()):
         emitted = [c[n] for n in range(1, k + 2)]
@@ -126,7 +139,9 @@ def acceptance_at_one(lines: list[list]) -> dict[int, dict]:
             passed = sum(emitted[j:])
             alpha.append(passed / reached if reached else None)
             reached = passed
-        out[k] = {"emitted": emitted, "alpha": alpha}
+        out[k] = {"emitted": emitted, "alpha": alpha,
+                  "along": [(q * span, len(v), sum(v) / len(v))
+                            for q, v in sorted(along[k].items())]}
     return out
 
 
@@ -204,6 +219,9 @@ def main(argv=None) -> None:
         print(f"batch 1, k = {k}, whole decode-only steps emitting 1..{k + 1} tokens: "
               f"{a['emitted']}; acceptance per draft position they imply "
               f"{[None if x is None else round(x, 2) for x in a['alpha']]}")
+        if a["along"]:
+            print(f"  by the request's output so far: " + "; ".join(
+                f"from {lo}: {n} steps, {mean:.2f} tokens" for lo, n, mean in a["along"]))
 
 
 if __name__ == "__main__":
