@@ -7,7 +7,10 @@ Goodput of drafting k tokens per request at batch size B::
     G(B, k) = B * E(k) / T_B(k)                            tokens per second
 
 ``alpha_i`` is the measured probability that draft position i is accepted given that the ones
-before it were (pooled over requests, decaying, starting from a prior). The chosen k maximises G
+before it were (over requests, decaying, starting from a prior), at the batch size B: each
+doubling of B keeps its own counts, read through the pooled ones as a prior
+(``AcceptanceByBatch``), because which requests draft, and where in their output, differs with
+the load. The chosen k maximises G
 (ties to the smaller k); k = 0 wins when drafting cannot pay: then no token is drafted or
 verified beyond the normal decode. Two costs outside the steps are added per output token: a
 request's last step drafts for a step it never has, (T_B(k) - T_B(0)) / B for each request
@@ -188,13 +191,17 @@ def goodput_table(alpha, costs, max_batch: int, k_max: int,
     drafting part of one step, T(B, k) - T(B, 0) over its B rows, for no tokens; with short
     outputs that is a share of drafting's cost that the steps alone do not show.
     ``share``: of the decode rows, those that would draft (cold requests do not): a step at k
-    emits B (1 + share (E(k) - 1)) tokens in T_B(0) + F_k + share V_k."""
-    e = np.array([expected_tokens(alpha, k) for k in range(k_max + 1)])
+    emits B (1 + share (E(k) - 1)) tokens in T_B(0) + F_k + share V_k. ``alpha``: per draft
+    position, or [max_batch + 1, k_max] per batch size (``AcceptanceByBatch.per_batch``)."""
+    alpha = np.asarray(alpha, dtype=float)[..., :k_max]
+    # E(k) for k = 0..k_max, per batch size where alpha has one row per batch size
+    reach = np.cumprod(alpha, axis=-1)
+    e = 1.0 + np.concatenate([np.zeros(alpha.shape[:-1] + (1,)), reach.cumsum(axis=-1)], -1)
     e = 1.0 + share * (e - 1.0)
     batch = np.arange(max_batch + 1)[:, None].astype(float)
     k = np.arange(k_max + 1)[None, :]
     t = costs.step_time(batch, k) if share == 1.0 else costs.step_time(batch, k, share)
-    per_token = t / np.maximum(batch * e[None, :], 1e-9)
+    per_token = t / np.maximum(batch * np.atleast_2d(e), 1e-9)
     if admission is not None:
         per_token = per_token + np.asarray(admission, dtype=float)[:, None] * (k > 0)
     if tokens_per_request:
@@ -227,18 +234,73 @@ class AcceptanceProfile:
         """One step: per request, drafts verified and how many of them were accepted."""
         self.reached *= self.decay
         self.accepted *= self.decay
-        if not len(drafted):
-            return
-        k_max = len(self.reached)
-        n = np.minimum(drafted, k_max)
-        m = np.minimum(accepted, n)
-        # positions 1..m accepted, m+1 (if any) not: position i counts the requests whose
-        # cut-off exceeds it (a suffix sum of the cut-offs' histogram)
-        for counts, cut in ((self.reached, np.minimum(m + 1, n)), (self.accepted, m)):
-            counts += np.bincount(cut, minlength=k_max + 1)[::-1].cumsum()[::-1][1:]
+        if len(drafted):
+            reached, accepted = _position_counts(drafted, accepted, len(self.reached))
+            self.reached += reached
+            self.accepted += accepted
 
     def alpha(self) -> np.ndarray:
         return self.accepted / self.reached
+
+
+def _position_counts(drafted, accepted, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per draft position, the requests that reached it and those whose draft there was
+    accepted: positions 1..m accepted, m + 1 (if drafted) not, so position i counts the
+    requests whose cut-off exceeds it (a suffix sum of the cut-offs' histogram)."""
+    n = np.minimum(drafted, k_max)
+    m = np.minimum(accepted, n)
+    return tuple(np.bincount(cut, minlength=k_max + 1)[::-1].cumsum()[::-1][1:]
+                 for cut in (np.minimum(m + 1, n), m))
+
+
+class AcceptanceByBatch:
+    """alpha_i per batch size: the pooled profile, and one per doubling of the batch size
+    (1, 2-3, 4-7, ...) read through the pooled one as a prior worth ``weight`` reached drafts,
+    so a batch size with few drafting steps of its own reads the pooled profile and one with
+    many its own.
+
+    Where drafting happens shapes what it accepts: under load with cold requests the steps
+    that draft are mostly explorations', a few steps from their requests' admission and so
+    early in their output, where a caption is most predictable; at one request whole outputs
+    draft. Pooled, the profile carried the first into the choice at one request (a 2-core
+    CPU's serving run: E(4) read 3.9 there, where that batch size's own steps emitted 2.9
+    tokens a row, and k = 4 was chosen where it tied with k = 0). A bucket decays over its
+    own drafting steps only: acceptance is a property of the requests, not of the clock, and a
+    batch size the load left keeps what was measured there."""
+
+    def __init__(self, k_max: int, max_batch: int, weight: float = 16.0,
+                 decay: float = 0.995):
+        self.pooled = AcceptanceProfile(k_max, decay=decay)
+        buckets = max(int(max_batch), 1).bit_length()
+        self.reached = np.zeros((buckets, k_max))
+        self.accepted = np.zeros((buckets, k_max))
+        self.weight = weight
+        self.decay = decay
+
+    def _bucket(self, batch) -> np.ndarray:
+        b = np.maximum(np.asarray(batch, dtype=int), 1)
+        return np.minimum(np.floor(np.log2(b)).astype(int), len(self.reached) - 1)
+
+    def update(self, batch: int, drafted: list[int], accepted: list[int]) -> None:
+        """One step at ``batch`` running requests: per request, drafts verified and accepted."""
+        self.pooled.update(drafted, accepted)
+        if len(drafted):
+            i = int(self._bucket(batch))
+            reached, hit = _position_counts(drafted, accepted, self.reached.shape[1])
+            self.reached[i] = self.reached[i] * self.decay + reached
+            self.accepted[i] = self.accepted[i] * self.decay + hit
+
+    def alpha(self, batch: int | None = None) -> np.ndarray:
+        """alpha per draft position at ``batch`` (None: pooled)."""
+        if batch is None:
+            return self.pooled.alpha()
+        return self.per_batch(batch)
+
+    def per_batch(self, batch) -> np.ndarray:
+        """[..., k_max]: alpha at each of ``batch`` (an int, or an array of batch sizes)."""
+        i = self._bucket(batch)
+        prior = self.weight * self.pooled.alpha()
+        return (self.accepted[i] + prior) / (self.reached[i] + self.weight)
 
 
 class StepCostModel:
@@ -657,7 +719,7 @@ class AutoK:
         self.k_max = k_max
         self.max_batch = max_batch
         self.price_admission = price_admission
-        self.profile = AcceptanceProfile(k_max)
+        self.profile = AcceptanceByBatch(k_max, max_batch, decay=decay)
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
         # token (decayed sums) times what a prompt token costs the draft (its own clock,
@@ -683,6 +745,9 @@ class AutoK:
         self.share = 1.0
         self.running: int | None = None  # the requests the last step left running
         self._tables: dict[int, list[int]] = {}
+        # (share in eighths, running requests) -> its table with admitting batch sizes at
+        # share 1, until the next fit
+        self._composed: dict[tuple[int, int], list[int]] = {}
         self.fitted: StepTimes | None = None
         self.steps = 0
         self.last_k: int | None = None
@@ -721,7 +786,7 @@ class AutoK:
         self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
         self.last_k = k
         if drafted:
-            self.profile.update(drafted, accepted)
+            self.profile.update(batch, drafted, accepted)
         self.steps += 1
 
     def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None,
@@ -745,7 +810,7 @@ class AutoK:
             q = self._shared()
             t = float(self.fitted.step_time(batch, planned, q))
             if emitted is not None:  # the table's seconds for these tokens
-                e = 1.0 + q * (expected_tokens(self.profile.alpha(), planned) - 1.0)
+                e = 1.0 + q * (expected_tokens(self.profile.alpha(batch), planned) - 1.0)
                 t *= emitted / max(batch * e, 1e-9)
             self.overspent += seconds - t
         self._explored_last = explored
@@ -768,11 +833,13 @@ class AutoK:
             self.fitted = self.costs.fit() or self.fitted
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
-                cautious, alpha = self.fitted.cautious(self.caution), self.profile.alpha()
+                cautious = self.fitted.cautious(self.caution)
+                alpha = self.profile.per_batch(np.arange(self.max_batch + 1))
                 shares = range(self.SHARES + 1) if self.price_admission else [self.SHARES]
                 self._tables = {q: choose_k(alpha, cautious, self.max_batch, self.k_max,
                                             self.admission, self.tokens_per_request,
                                             q / self.SHARES) for q in shares}
+                self._composed = {}
             self.fit_seconds, self._since_fit = self.clock() - started, 0.0
             self.fits += 1
         if self._tables:
@@ -782,8 +849,11 @@ class AutoK:
                 # a batch size above the running requests' admits some: whether they draft
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
                 # pays once every row drafts; below, the k that pays at the running share
-                top = self.running + 1
-                self.table = self.table[:top] + self._tables[self.SHARES][top:]
+                key = (q, self.running)
+                if key not in self._composed:
+                    top = self.running + 1
+                    self._composed[key] = self.table[:top] + self._tables[self.SHARES][top:]
+                self.table = self._composed[key]
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps

@@ -59,7 +59,6 @@ class AutoKController:
         self.auto.fit_budget = FIT_BUDGET
         self.cold = price_admission  # draft_cold_requests: some decode rows never draft
         self.warm = WarmRequests() if price_admission else None
-        self.warm_share = 1.0
         self.last_end: float | None = None
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
@@ -112,7 +111,6 @@ class AutoKController:
                 decode, running, finished)
             if live is not None and self.auto.steps % 1024 == 0:
                 self.warm.forget(live)
-            self.warm_share = warm_share
         prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
             - len(decode_rows)
         # the share of the decode rows that drafted (cold requests do not); None: no sample
@@ -187,14 +185,14 @@ class AutoKController:
                 round(float(t) * 1e3, 2) for t in fitted.spread[fitted.index(batch)]]
             admission, per_request = self.auto.admission, self.auto.tokens_per_request
             logger.info(
-                "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha %s; "
-                "step ms by k at this batch, all rows drafting %s "
+                "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha at this "
+                "batch %s; step ms by k at this batch, all rows drafting %s "
                 "(standard errors %s; measured near it: k %s); output tokens per request %s; "
                 "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
                 "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
                 "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
-                batch, self.last_k, self.warm_share,
-                [round(float(a), 2) for a in self.auto.profile.alpha()], costs, spread,
+                batch, self.last_k, self.auto.share,
+                [round(float(a), 2) for a in self.auto.profile.alpha(batch)], costs, spread,
                 measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
