@@ -232,12 +232,16 @@ class AcceptanceProfile:
 
     def update(self, drafted: list[int], accepted: list[int]) -> None:
         """One step: per request, drafts verified and how many of them were accepted."""
+        self.add(_position_counts(drafted, accepted, len(self.reached)) if len(drafted)
+                 else None)
+
+    def add(self, counts: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """One step's ``_position_counts`` (None: a step without drafts), after the decay."""
         self.reached *= self.decay
         self.accepted *= self.decay
-        if len(drafted):
-            reached, accepted = _position_counts(drafted, accepted, len(self.reached))
-            self.reached += reached
-            self.accepted += accepted
+        if counts is not None:
+            self.reached += counts[0]
+            self.accepted += counts[1]
 
     def alpha(self) -> np.ndarray:
         return self.accepted / self.reached
@@ -283,12 +287,13 @@ class AcceptanceByBatch:
 
     def update(self, batch: int, drafted: list[int], accepted: list[int]) -> None:
         """One step at ``batch`` running requests: per request, drafts verified and accepted."""
-        self.pooled.update(drafted, accepted)
-        if len(drafted):
-            i = int(self._bucket(batch))
-            reached, hit = _position_counts(drafted, accepted, self.reached.shape[1])
-            self.reached[i] = self.reached[i] * self.decay + reached
-            self.accepted[i] = self.accepted[i] * self.decay + hit
+        counts = _position_counts(drafted, accepted, self.reached.shape[1]) \
+            if len(drafted) else None
+        self.pooled.add(counts)
+        if counts is not None:
+            i = min(max(int(batch), 1).bit_length() - 1, len(self.reached) - 1)
+            self.reached[i] = self.reached[i] * self.decay + counts[0]
+            self.accepted[i] = self.accepted[i] * self.decay + counts[1]
 
     def alpha(self, batch: int | None = None) -> np.ndarray:
         """alpha per draft position at ``batch`` (None: pooled)."""
