@@ -832,8 +832,10 @@ class AutoK:
             k = self.calibration_ks[(self.steps // self.hold) % len(self.calibration_ks)]
             return [k] * (self.max_batch + 1)
         # refit and choose every refit_every steps (within the fit's budget): this runs in
-        # the engine's step loop
-        if self.fitted is None or (self.steps % self.refit_every == 0 and self._fit_due()):
+        # the engine's step loop. Until a fit succeeds (two k measured at some batch size: at
+        # one request steps after an idle engine are no samples) it is tried at every step,
+        # within the budget too
+        if (self.fitted is None or self.steps % self.refit_every == 0) and self._fit_due():
             started = self.clock()
             self.fitted = self.costs.fit() or self.fitted
             if self.fitted is not None:

@@ -387,6 +387,22 @@ def test_the_fit_takes_at_most_its_budget_of_the_engines_time(alpha):
     assert cheap.fits == unlimited.fits and cheap.table == unlimited.table
 
 
+def test_a_fit_that_finds_too_little_is_retried_within_its_budget():
+    # after calibration only k = 0 steps arrive (one k: nothing to fit), each of 5 ms; a fit
+    # attempt costs 20 ms, so within 1 % of the engine's time one try in 400 steps
+    auto = AutoK(k_max=4, max_batch=8, calibration_steps=0)
+    auto.fit_budget, auto.clock = 0.01, _FitClock(0.02)
+    for _ in range(4000):
+        auto.next_table()
+        auto.observe(2, 0, 0, 0.005, [], [])
+    assert auto.fitted is None
+    assert 1 <= auto.fits <= 4000 * 0.005 * 0.01 / 0.02 + 1
+    auto.fit_budget = None  # without a budget: every step
+    for _ in range(10):
+        auto.next_table()
+    assert auto.fits >= 10
+
+
 def test_explorations_take_turns_one_more_one_less_and_no_speculation():
     auto = AutoK(k_max=4, max_batch=8, calibration_steps=0, explore_every=16)
     auto.table = [3] * 9  # no samples: the fit keeps this table
