@@ -277,8 +277,28 @@ def test_auto_k_trace_time_by_kind_and_the_acceptance_at_one_request(tmp_path, c
     auto_k_trace.main([str(path), "--batches", "1"])
     assert "whole, decode, table: 2, " in capsys.readouterr().out
     auto_k_trace.main([str(path)])
-    assert "batch 1, k = 2, whole decode-only steps emitting 1..3 tokens: [1, 1, 1]" \
-        in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "batch 1, k = 2, whole decode-only steps emitting 1..3 tokens: [1, 1, 1]" in out
+    assert "  1-1, 2: 3 steps, 3 rows, 2.00 tokens" in out
+
+
+def test_auto_k_trace_tokens_per_drafting_row_by_doubling_of_the_batch_size():
+    from lvspec_vllm.bench.auto_k_trace import drafting_rows
+
+    rows = [[1, 4, 0, 0.02, 4, 1.0, 0.02, 4, 1.0, 3],
+            [2, 4, 0, 0.03, 4, 1.0, 0.03, 4, 1.0, 7],     # two rows: 7 tokens
+            [3, 4, 0, 0.03, 4, 1 / 3, 0.03, 4, 1 / 3, 6],  # one drafting row, two cold ones
+            [3, 4, 0, 0.03, 4, 0.0, 0.03, 4, 0.0, 3],      # all cold: no drafting row
+            [3, 4, 0, None, 0, None, 0.03, 4, 1.0, 9],     # a switch: not kept
+            [3, 4, 50, 0.09, 4, 1.0, 0.09, 4, 1.0, 9],     # prefill
+            [5, 2, 0, 0.03, 2, 1.0, 0.03, 2, 1.0, 10],
+            [4, 0, 0, 0.01, 0, 1.0, 0.01, 0, 1.0, 4]]      # k = 0
+    d = drafting_rows(rows)
+    assert d.keys() == {(1, 4), (2, 4), (4, 2)}
+    assert d[(1, 4)] == (1, 1.0, 3.0)
+    # 2 + 1 drafting rows emitted 7 + (6 - 2) tokens
+    assert d[(2, 4)] == (2, pytest.approx(3.0), pytest.approx(11 / 3))
+    assert d[(4, 2)] == (1, 5.0, 2.0)
 
 
 def test_auto_k_trace_refit_prints_the_levels_beside_the_kept_steps_medians(tmp_path, capsys):

@@ -13,7 +13,9 @@ out, and with output tokens in the trace what those steps emitted (tokens a row,
 token: the goodput auto_k's model predicts). With ``--fit-at B``: the step-cost fit of the
 trace's samples, its levels at batch size B beside the medians of the steps kept there
 (``refit``). With ``--batches LO-HI``: where the time went at those batch sizes, by kind of
-step (``time_by_kind``).
+step (``time_by_kind``). Also printed: per doubling of the batch size and k, the output
+tokens per drafting row (``drafting_rows``), and at one request the acceptance per draft
+position and along a request (``acceptance_at_one``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,24 @@ def acceptance_at_one(lines: list[list], span: int = 8) -> dict[int, dict]:
     return out
 
 
+def drafting_rows(lines: list[list]) -> dict[tuple[int, int], tuple[int, float, float]]:
+    """Per (batch sizes of one doubling, by their smallest: 1, 2, 4, ...; k > 0), from the
+    decode-only steps that kept k and in which some rows drafted (whole and partly cold): the
+    steps, the drafting rows, and the output tokens per drafting row (1 + its accepted drafts;
+    a cold row emits one token). What ``auto_k``'s acceptance per batch size
+    (``AcceptanceByBatch``) reads there, from the steps' own outcomes."""
+    groups = defaultdict(lambda: [0, 0.0, 0.0])
+    for row in lines:
+        if len(row) <= 9 or row[2] or not row[1] or row[1] != row[4] or not row[5]:
+            continue
+        batch, share = row[0], row[5]
+        g = groups[(1 << (batch.bit_length() - 1), row[1])]
+        g[0] += 1
+        g[1] += share * batch
+        g[2] += row[9] - batch * (1 - share)  # the cold rows' one token each
+    return {key: (n, rows, tokens / rows) for key, (n, rows, tokens) in sorted(groups.items())}
+
+
 def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict:
     """The trace's samples fed to ``StepCostModel`` as the controller kept them (a step at the
     previous step's k, its share of drafting rows), and its levels at ``batch`` after the last
@@ -215,6 +235,12 @@ def main(argv=None) -> None:
         for kind, (m, cold_ms) in sorted(s["cold_ms"].get(key, {}).items(), reverse=True):
             line += f"; {m} {kind}, {cold_ms:.2f} ms"
         print(line)
+    drafting = drafting_rows(lines)
+    if drafting:
+        print("batch sizes from, k: decode-only steps with drafting rows, the drafting rows, "
+              "output tokens per drafting row")
+        for (lo, k), (n, rows, tokens) in drafting.items():
+            print(f"  {lo}-{2 * lo - 1}, {k}: {n} steps, {rows:.0f} rows, {tokens:.2f} tokens")
     for k, a in acceptance_at_one(lines).items():
         print(f"batch 1, k = {k}, whole decode-only steps emitting 1..{k + 1} tokens: "
               f"{a['emitted']}; acceptance per draft position they imply "
