@@ -66,7 +66,11 @@ as dear as a k = 0 step, a few warm rows among cold ones do not pay for it (a 2-
 four requests ran such steps at 2-3.4 times a k = 0 one when whole steps were priced). One
 exception: a batch size above the running requests is a step that admits new ones, and that
 step's k decides whether they draft (a request admitted at k = 0 is cold for life), so there
-the k is the whole step's. Where whole steps pay, the admitted requests turn warm, the share
+the k is the whole step's, as long as whole steps also draft at the load's batch size (the
+decayed mean of the steps' batch sizes): the newcomers' draft prefill pays only through the
+drafting of later steps, which run at about that batch size, and a k > 0 at a batch size the
+load only passes through (a fit's noise: on a 2-core CPU, k = 0 steps measured at two requests
+while the API server took in new ones) would warm requests that never draft. Where whole steps pay, the admitted requests turn warm, the share
 climbs and k follows; where they do not, nothing changes. At a batch size at
 k = 0 the share is that of the requests admitted in explorations (a request first scheduled
 at k > 0 is warm, one at k = 0 cold), so there the explorations run on every turn, trying
@@ -738,6 +742,7 @@ class AutoK:
         # (observe_draft); it takes precedence over the step-time fit's difference
         self.draft_cost = DraftPassCost(k_max)
         self._tokens = np.zeros(3)  # decayed (prefill tokens, output tokens, requests admitted)
+        self._load = np.zeros(2)  # decayed (sum of the steps' batch sizes, steps)
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -789,6 +794,7 @@ class AutoK:
             self.share, self.running = warm_share, running
         self._since_fit += wall or 0.0
         self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
+        self._load = self._load * self._decay + (batch, 1.0)
         self.last_k = k
         if drafted:
             self.profile.update(batch, drafted, accepted)
@@ -855,11 +861,15 @@ class AutoK:
             if q < self.SHARES and self.running is not None:
                 # a batch size above the running requests' admits some: whether they draft
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
-                # pays once every row drafts; below, the k that pays at the running share
-                key = (q, self.running)
+                # pays once every row drafts, if whole steps draft at the load's batch size
+                # too (see the module docstring); below, the k that pays at the running share
+                load = int(min(max(round(self._load[0] / max(self._load[1], 1e-9)), 1),
+                               self.max_batch))
+                key = (q, self.running, load)
                 if key not in self._composed:
-                    top = self.running + 1
-                    self._composed[key] = self.table[:top] + self._tables[self.SHARES][top:]
+                    top, whole = self.running + 1, self._tables[self.SHARES]
+                    admit = whole[top:] if whole[load] else [0] * len(whole[top:])
+                    self._composed[key] = self.table[:top] + admit
                 self.table = self._composed[key]
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget

@@ -752,6 +752,32 @@ def test_with_cold_requests_k_follows_the_share_of_rows_that_would_draft():
     assert auto._shared() == 1.0
 
 
+def test_with_cold_requests_admissions_draft_only_where_whole_steps_draft_at_the_loads_size():
+    # whole steps at k = 4 pay at batch sizes 5 and 7-9 only (a fit's island at 5), a
+    # drafting step's cost all fixed; a quarter of the running requests would draft
+    auto = AutoK(4, 9, price_admission=True)
+    auto.caution = 0.0
+    pays, loses = [0.010, 0.018, 0.020, 0.021, 0.022], [0.010, 0.040, 0.045, 0.050, 0.055]
+    auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0, 5.0, 6.0, 8.0]),
+                            np.array([loses, loses, loses, pays, loses, pays]))
+    auto.profile.per_batch = lambda b: np.full(np.shape(b) + (4,), 0.8)
+
+    def table(running, steps=1):
+        for _ in range(steps):
+            auto.observe(running or 1, 0, 0, None, [], [], warm_share=0.25, running=running)
+        auto.steps = auto.calibration_steps + auto.refit_every
+        auto.next_table()
+        return auto.table[1:]
+
+    # the load runs at four requests: the island at 5 warms nobody
+    assert auto._tables == {} and table(4, 50) == [0] * 9
+    assert auto._tables[AutoK.SHARES][1:] == [0, 0, 0, 0, 4, 0, 4, 4, 4]
+    # a load that runs at eight: the step admitting at nine runs k = 4, and while it runs at
+    # four (a dip) the steps admitting at 5 and 7-9 do too
+    assert table(8, 2000) == [0] * 8 + [4]
+    assert table(4) == [0, 0, 0, 0, 4, 0, 4, 4, 4]
+
+
 def test_with_cold_requests_a_partly_cold_load_is_not_run_at_the_whole_steps_k():
     # Requests arrive a few steps after one finishes, so the batch size moves under four;
     # a drafting step costs a fixed part as dear as a k = 0 step. The k = 0 the partly cold
