@@ -70,8 +70,9 @@ the k is the whole step's, as long as whole steps also draft at the load's batch
 decayed mean of the steps' batch sizes): the newcomers' draft prefill pays only through the
 drafting of later steps, which run at about that batch size, and a k > 0 at a batch size the
 load only passes through (a fit's noise: on a 2-core CPU, k = 0 steps measured at two requests
-while the API server took in new ones) would warm requests that never draft. Where whole steps pay, the admitted requests turn warm, the share
-climbs and k follows; where they do not, nothing changes. At a batch size at
+while the API server took in new ones) would warm requests that never draft. Where whole
+steps pay, the admitted requests turn warm, the share climbs and k follows; where they do not,
+nothing changes. At a batch size at
 k = 0 the share is that of the requests admitted in explorations (a request first scheduled
 at k > 0 is warm, one at k = 0 cold), so there the explorations run on every turn, trying
 1, k/2 and k in turn, and hold it ``cold_hold`` steps: a few more samples, more warm rows.
