@@ -7,11 +7,11 @@ Goodput of drafting k tokens per request at batch size B::
     G(B, k) = B * E(k) / T_B(k)                            tokens per second
 
 ``alpha_i`` is the measured probability that draft position i is accepted given that the ones
-before it were (over requests, decaying, starting from a prior), at the batch size B: each
-doubling of B keeps its own counts, read through the pooled ones as a prior
-(``AcceptanceByBatch``), because which requests draft, and where in their output, differs with
-the load. The chosen k maximises G
-(ties to the smaller k); k = 0 wins when drafting cannot pay: then no token is drafted or
+before it were (over requests, decaying, starting from a prior), at the batch size B over a
+whole output (``Acceptance``): counts per doubling of B and of the output position the drafts
+were made at, combined over the L output tokens a request emits, because which requests draft,
+and where in their output, differs with the load. The chosen k maximises G (ties to the
+smaller k); k = 0 wins when drafting cannot pay: then no token is drafted or
 verified beyond the normal decode. Two costs outside the steps are added per output token: a
 request's last step drafts for a step it never has, (T_B(k) - T_B(0)) / B for each request
 over the L output tokens a request emits (measured: output tokens per admitted request), which
@@ -197,7 +197,7 @@ def goodput_table(alpha, costs, max_batch: int, k_max: int,
     outputs that is a share of drafting's cost that the steps alone do not show.
     ``share``: of the decode rows, those that would draft (cold requests do not): a step at k
     emits B (1 + share (E(k) - 1)) tokens in T_B(0) + F_k + share V_k. ``alpha``: per draft
-    position, or [max_batch + 1, k_max] per batch size (``AcceptanceByBatch.per_batch``)."""
+    position, or [max_batch + 1, k_max] per batch size (``Acceptance.per_batch``)."""
     alpha = np.asarray(alpha, dtype=float)[..., :k_max]
     # E(k) for k = 0..k_max, per batch size where alpha has one row per batch size
     reach = np.cumprod(alpha, axis=-1)
@@ -262,56 +262,105 @@ def _position_counts(drafted, accepted, k_max: int) -> tuple[np.ndarray, np.ndar
                  for cut in (np.minimum(m + 1, n), m))
 
 
-class AcceptanceByBatch:
-    """alpha_i per batch size: the pooled profile, and one per doubling of the batch size
-    (1, 2-3, 4-7, ...) read through the pooled one as a prior worth ``weight`` reached drafts,
-    so a batch size with few drafting steps of its own reads the pooled profile and one with
-    many its own.
+def _doubling(n, last: int, unit: int = 1):
+    """The doubling of ``n / unit`` that ``n`` (an int or an array) falls in, with every n
+    below 2 unit in the first, and none past ``last``: batch sizes by 1, 2-3, 4-7 ... (unit
+    1), output positions by 0-7, 8-15, 16-31 ... (unit 4)."""
+    if isinstance(n, (int, np.integer)):
+        return min(max(int(n) // unit, 1).bit_length() - 1, last)
+    b = np.maximum(np.asarray(n, dtype=np.int64) // unit, 1)
+    return np.minimum(np.floor(np.log2(b)).astype(int), last)
 
-    Where drafting happens shapes what it accepts: under load with cold requests the steps
-    that draft are mostly explorations', a few steps from their requests' admission and so
-    early in their output, where a caption is most predictable; at one request whole outputs
-    draft. Pooled, the profile carried the first into the choice at one request (a 2-core
-    CPU's serving run: E(4) read 3.9 there, where that batch size's own steps emitted 2.9
-    tokens a row, and k = 4 was chosen where it tied with k = 0). A bucket decays over its
-    own drafting steps only: acceptance is a property of the requests, not of the clock, and a
-    batch size the load left keeps what was measured there."""
+
+class Acceptance:
+    """alpha_i at a batch size over a request's output: counts per doubling of the batch size
+    (1, 2-3, 4-7, ...) and of the output position the drafts were made at (0-7, 8-15, ...),
+    each decayed over its own drafting steps and read through a prior worth ``weight``
+    reached drafts: a position's counts over every batch size, which read those at it and
+    later positions (past the last position with drafts, at that one), which read the pooled
+    profile.
+
+    Where drafting happens shapes what it accepts. Under load with cold requests the steps that
+    draft are mostly explorations', within a few steps of their requests' admission, early in
+    their output, where a caption is most predictable; at one request whole outputs draft.
+    Pooled, the profile carried the first into the choice at one request (a 2-core CPU's
+    serving run: E(4) read 3.9 there, where that batch size's own steps emitted 2.9 tokens a
+    row). Per batch size the bias stayed, as explorations at one request also warm the request
+    they admit (3.57 tokens a row in the first 8 output tokens, 2.29-3.24 later). So the table
+    reads a batch size's acceptance over a whole output of ``length`` tokens: E(k) per output
+    position, combined as the steps spend them, the harmonic mean weighted by the tokens of
+    [0, length) in each (a position that emits more tokens a step takes fewer steps). A
+    bucket decays over its own drafting steps only: acceptance is a property of the requests,
+    not of the clock, and a batch size the load left keeps what was measured there."""
+
+    POSITIONS = 7  # output positions 0-7, 8-15, ..., 128-255, 256 on
 
     def __init__(self, k_max: int, max_batch: int, weight: float = 16.0,
                  decay: float = 0.995):
         self.pooled = AcceptanceProfile(k_max, decay=decay)
-        buckets = max(int(max_batch), 1).bit_length()
-        self.reached = np.zeros((buckets, k_max))
-        self.accepted = np.zeros((buckets, k_max))
+        self._last_batch = max(int(max_batch), 1).bit_length() - 1
+        shape = (self._last_batch + 1, self.POSITIONS, k_max)
+        self.reached, self.accepted = np.zeros(shape), np.zeros(shape)
         self.weight = weight
         self.decay = decay
+        # the tokens of each position bucket: [start, end) per bucket, the last open
+        edges = [0] + [8 << i for i in range(self.POSITIONS - 1)] + [np.inf]
+        self._starts, self._ends = np.array(edges[:-1]), np.array(edges[1:])
 
-    def _bucket(self, batch) -> np.ndarray:
-        b = np.maximum(np.asarray(batch, dtype=int), 1)
-        return np.minimum(np.floor(np.log2(b)).astype(int), len(self.reached) - 1)
+    def update(self, batch: int, drafted: list[int], accepted: list[int],
+               positions: list[int] | None = None) -> None:
+        """One step at ``batch`` running requests: per request, drafts verified and accepted,
+        and the output tokens it had before the step (None: all at the start)."""
+        if not len(drafted):
+            self.pooled.add(None)
+            return
+        k_max = self.reached.shape[2]
+        n = np.minimum(drafted, k_max)
+        m = np.minimum(accepted, n)
+        self.pooled.add(_position_counts(n, m, k_max))
+        where = np.zeros(len(n), dtype=int) if positions is None else \
+            _doubling(positions, self.POSITIONS - 1, unit=4)
+        counts = [np.bincount(where * (k_max + 1) + cut, minlength=self.POSITIONS * (k_max + 1))
+                  .reshape(self.POSITIONS, k_max + 1)[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
+                  for cut in (np.minimum(m + 1, n), m)]
+        touched = np.flatnonzero(counts[0][:, 0])  # the positions with drafting rows
+        b = _doubling(int(batch), self._last_batch)
+        for cells, new in ((self.reached, counts[0]), (self.accepted, counts[1])):
+            cells[b, touched] = cells[b, touched] * self.decay + new[touched]
 
-    def update(self, batch: int, drafted: list[int], accepted: list[int]) -> None:
-        """One step at ``batch`` running requests: per request, drafts verified and accepted."""
-        counts = _position_counts(drafted, accepted, self.reached.shape[1]) \
-            if len(drafted) else None
-        self.pooled.add(counts)
-        if counts is not None:
-            i = min(max(int(batch), 1).bit_length() - 1, len(self.reached) - 1)
-            self.reached[i] = self.reached[i] * self.decay + counts[0]
-            self.accepted[i] = self.accepted[i] * self.decay + counts[1]
-
-    def alpha(self, batch: int | None = None) -> np.ndarray:
-        """alpha per draft position at ``batch`` (None: pooled)."""
+    def alpha(self, batch: int | None = None, length: float | None = None) -> np.ndarray:
+        """alpha per draft position at ``batch`` over an output of ``length`` (None: pooled)."""
         if batch is None:
             return self.pooled.alpha()
-        return self.per_batch(batch)
+        return self.per_batch(batch, length)
 
-    def per_batch(self, batch) -> np.ndarray:
-        """[..., k_max]: alpha at each of ``batch`` (an int, or an array of batch sizes)."""
-        i = self._bucket(batch)
-        prior = self.weight * self.pooled.alpha()
-        return (self.accepted[i] + prior) / (self.reached[i] + self.weight)
-
+    def per_batch(self, batch, length: float | None = None) -> np.ndarray:
+        """[..., k_max]: alpha at each of ``batch`` (an int, or an array of batch sizes) over
+        an output of ``length`` tokens: the alpha whose E(k) is, for every k, the harmonic mean
+        of the positions' E(k) weighted by their tokens in [0, length). ``length`` None: over
+        the positions as they were drafted at (each batch size's counts summed)."""
+        i = _doubling(batch, self._last_batch)
+        pooled = self.pooled.alpha()
+        w = self.weight
+        if length is None:
+            return (self.accepted[i].sum(-2) + w * pooled) / (self.reached[i].sum(-2) + w)
+        # A position over every batch size, read through the drafts made at it or later (past
+        # the last position with drafts, at that one), through the pooled profile; then at a
+        # batch size, through that. Later, not all: an unmeasured stretch of the output
+        # (explorations draft near its start) would otherwise read the start's acceptance,
+        # the highest, and the reading that errs low costs no more than k = 0 does.
+        acc, reached = self.accepted.sum(0), self.reached.sum(0)          # [P, k_max]
+        drafted = np.flatnonzero(reached[:, 0] > 0)
+        last = drafted[-1] if len(drafted) else 0
+        keep = np.minimum(np.arange(len(reached)), last)
+        later = [c[::-1].cumsum(0)[::-1][keep] for c in (acc, reached)]
+        at = (acc + w * (later[0] + w * pooled) / (later[1] + w)) / (reached + w)
+        at = (self.accepted[i] + w * at) / (self.reached[i] + w)          # [..., P, k_max]
+        e = 1.0 + np.cumsum(np.cumprod(at, axis=-1), axis=-1)            # E(1..k_max)
+        tokens = np.clip(max(float(length), 1.0), self._starts, self._ends) - self._starts
+        e = tokens.sum() / (tokens[:, None] / e).sum(-2)                  # [..., k_max]
+        reach = np.diff(e, prepend=1.0, axis=-1)
+        return reach / np.concatenate([np.ones(reach.shape[:-1] + (1,)), reach[..., :-1]], -1)
 
 class StepCostModel:
     """``StepTimes`` fitted to measured (batch, k, prefill tokens, seconds) by local regression
@@ -729,7 +778,7 @@ class AutoK:
         self.k_max = k_max
         self.max_batch = max_batch
         self.price_admission = price_admission
-        self.profile = AcceptanceByBatch(k_max, max_batch, decay=decay)
+        self.profile = Acceptance(k_max, max_batch, decay=decay)
         # With draft_cold_requests a request admitted at k = 0 skips the draft's prefill, so
         # drafting also costs that prefill: per output token, the prefill tokens per output
         # token (decayed sums) times what a prompt token costs the draft (its own clock,
@@ -778,7 +827,7 @@ class AutoK:
                 drafted: list[int], accepted: list[int], emitted: int | None = None,
                 share: float = 1.0, elapsed: float | None = None, admitted: int = 0,
                 draft_seconds: float = 0.0, warm_share: float | None = None,
-                running: int | None = None) -> None:
+                running: int | None = None, positions: list[int] | None = None) -> None:
         """One step: running requests, its k, prefill tokens computed, wall seconds (None:
         not a sample), per request drafts verified and accepted, output tokens emitted (None:
         not counted), the share of its decode rows that drafted (below 1 only with cold
@@ -786,7 +835,8 @@ class AutoK:
         engine was idle before it if both are None), the requests it admitted, and the
         seconds the drafter's own clock gave its passes in the step, and (cold requests) the
         share of the requests it leaves running that would draft (``WarmRequests``) and
-        how many it leaves running."""
+        how many it leaves running, and per request that drafted the output tokens it had
+        before the step (None: not known)."""
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
         wall = seconds if elapsed is None else elapsed
@@ -798,7 +848,7 @@ class AutoK:
         self._load = self._load * self._decay + (batch, 1.0)
         self.last_k = k
         if drafted:
-            self.profile.update(batch, drafted, accepted)
+            self.profile.update(batch, drafted, accepted, positions)
         self.steps += 1
 
     def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None,
@@ -822,7 +872,8 @@ class AutoK:
             q = self._shared()
             t = float(self.fitted.step_time(batch, planned, q))
             if emitted is not None:  # the table's seconds for these tokens
-                e = 1.0 + q * (expected_tokens(self.profile.alpha(batch), planned) - 1.0)
+                alpha = self.profile.alpha(batch, self.tokens_per_request)
+                e = 1.0 + q * (expected_tokens(alpha, planned) - 1.0)
                 t *= emitted / max(batch * e, 1e-9)
             self.overspent += seconds - t
         self._explored_last = explored
@@ -848,7 +899,8 @@ class AutoK:
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 cautious = self.fitted.cautious(self.caution)
-                alpha = self.profile.per_batch(np.arange(self.max_batch + 1))
+                alpha = self.profile.per_batch(np.arange(self.max_batch + 1),
+                                               self.tokens_per_request)
                 shares = range(self.SHARES + 1) if self.price_admission else [self.SHARES]
                 self._tables = {q: choose_k(alpha, cautious, self.max_batch, self.k_max,
                                             self.admission, self.tokens_per_request,

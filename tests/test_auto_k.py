@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from lvspec_vllm.auto_k import (AcceptanceByBatch, AcceptanceProfile, AutoK, Costs,
+from lvspec_vllm.auto_k import (Acceptance, AcceptanceProfile, AutoK, Costs,
                                 DraftPassCost, StepCostModel, StepTimes, WarmRequests, choose_k,
                                 decode_share, expected_tokens, goodput_table)
 from lvspec_vllm.testing import cold_engine
@@ -145,7 +145,7 @@ def _draw(rng, alpha) -> int:
 
 def test_acceptance_by_batch_reads_its_own_counts_where_it_has_them_and_the_pooled_elsewhere():
     rng = random.Random(3)
-    prof = AcceptanceByBatch(4, 64)
+    prof = Acceptance(4, 64)
     low, high = [0.65, 0.76, 0.84, 0.83], [0.95] * 4
     for _ in range(600):
         prof.update(1, [4], [_draw(rng, low)])
@@ -169,17 +169,82 @@ def test_acceptance_by_batch_reads_its_own_counts_where_it_has_them_and_the_pool
 def test_acceptance_by_batch_counts_as_the_pooled_profile_does(seed):
     rng = random.Random(seed)
     k_max = rng.randint(1, 8)
-    prof, alone = AcceptanceByBatch(k_max, 16, weight=0.0), AcceptanceProfile(k_max)
+    prof, alone = Acceptance(k_max, 16, weight=0.0), AcceptanceProfile(k_max)
     for _ in range(20):
         drafted = [rng.randint(0, k_max + 2) for _ in range(rng.randint(1, 6))]
         acc = [rng.randint(0, n + 1) for n in drafted]
         prof.update(5, drafted, acc)
         alone.update(drafted, acc)
         assert prof.pooled.alpha() == pytest.approx(alone.alpha())
-    # one bucket alone, without the prior: its counts over reached positions
-    counted = prof.reached[2] > 0
+    # one bucket alone, without the prior: its counts over reached positions (every draft at
+    # the first output positions, as none were given)
+    assert not prof.reached[2, 1:].any()
+    counted = prof.reached[2, 0] > 0
     assert prof.per_batch(5)[counted] == pytest.approx(
-        (prof.accepted[2] / prof.reached[2])[counted])
+        (prof.accepted[2, 0] / prof.reached[2, 0])[counted])
+
+
+def _constant(alpha, k_max):
+    return [expected_tokens([alpha] * k_max, k) for k in range(1, k_max + 1)]
+
+
+def test_acceptance_over_an_output_weighs_the_positions_as_the_steps_spend_them():
+    # drafts at output positions 0-7 accepted at 0.95, at 16-31 at 0.3: over an output of L
+    # tokens E(k) is the harmonic mean of the positions' E(k), weighted by their tokens
+    # in [0, L) (a position where a step emits more takes fewer steps)
+    rng = random.Random(4)
+    prof = Acceptance(4, 8, weight=1e-9)
+    for _ in range(3000):
+        prof.update(2, [4, 4], [_draw(rng, [0.95] * 4), _draw(rng, [0.3] * 4)], [3, 20])
+    early, late = np.array(_constant(0.95, 4)), np.array(_constant(0.3, 4))
+
+    def e(alpha):
+        return np.array([expected_tokens(alpha, k) for k in range(1, 5)])
+
+    assert e(prof.per_batch(3, 8)) == pytest.approx(early, rel=0.02)  # [0, 8) only
+    # [0, 32): 8 tokens at 0-7, 8 at 8-15 (nothing measured there: read through what was
+    # measured at later positions), 16 at 16-31
+    assert e(prof.per_batch(3, 32)) == pytest.approx(32 / (8 / early + 24 / late), rel=0.02)
+    assert e(prof.per_batch(3, 20)) == pytest.approx(20 / (8 / early + 12 / late), rel=0.02)
+    assert e(prof.per_batch(3, 1000)) == pytest.approx(1000 / (8 / early + 992 / late),
+                                                       rel=0.02)
+    # no length: the positions as they were drafted at, as before positions were counted
+    assert prof.per_batch(3) == pytest.approx(prof.pooled.alpha())
+    # an array of batch sizes reads each; batch sizes without counts read the positions'
+    table = prof.per_batch(np.arange(9), 32)
+    assert table.shape == (9, 4) and table[2] == pytest.approx(table[3])
+    assert table[5] == pytest.approx(table[3])  # nothing at 4-7: the same positions' counts
+    # a bucket decays over its own drafting steps only
+    before = prof.reached[1].copy()
+    prof.update(2, [4], [0], [3])
+    assert prof.reached[1, 2] == pytest.approx(before[2])  # 16-31: untouched
+
+
+def test_the_k_follows_the_acceptance_over_a_whole_output_not_where_explorations_draft():
+    # At one request explorations warm the request they admit, so their drafts are early in
+    # its output, where a caption is most predictable (a 2-core CPU: 3.57 tokens a row in the
+    # first 8 output tokens, 2.29-3.24 later). k = 4 pays only with E(4) above 3.0; here drafts
+    # in the first 8 tokens are accepted at 0.95 (E(4) 4.5), later at 0.6 (E(4) 2.2), and
+    # requests emit 64 tokens, five drafting rows early for every one later.
+    def run(positions):
+        rng = random.Random(6)
+        auto = AutoK(4, 4)
+        auto.caution = 0.0
+        auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0]),
+                                np.array([[0.0063, 0.0120, 0.0150, 0.0170, 0.0187]] * 3))
+        for i in range(600):
+            late = i % 6 == 5
+            accepted = [_draw(rng, [0.6 if late else 0.95] * 4)]
+            auto.observe(1, 4, 0, None, [4], accepted, 1 + accepted[0], admitted=i % 12 == 0,
+                         positions=[40 if late else 2] if positions else None)
+        auto.steps = auto.calibration_steps + auto.refit_every
+        auto.next_table()
+        return auto
+
+    auto = run(True)
+    assert auto.tokens_per_request == pytest.approx(64, rel=0.25)
+    assert auto.table[1] == 0
+    assert run(False).table[1] == 4  # every draft taken as if made where the most were
 
 
 def test_the_k_at_one_request_follows_the_acceptance_measured_there():
@@ -626,6 +691,36 @@ def test_the_controller_tells_auto_k_the_share_of_running_requests_that_would_dr
     assert AutoKController(scheduler, 4).warm is None
 
 
+def test_the_hook_counts_each_draft_at_the_output_position_it_was_made_at():
+    # vLLM's update appends the step's tokens and drops the requests that finish, so the
+    # positions are read before it; a request that finishes in the step is counted too
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches.scheduler import AutoKController, SchedulerUpdatePatch
+
+    live = {"a": SimpleNamespace(num_output_tokens=3), "b": SimpleNamespace(num_output_tokens=20)}
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=[0] * 5, requests=live,
+                                get_num_unfinished_requests=lambda: len(live))
+    ctl = AutoKController(scheduler, 4)
+    scheduler.__dict__.update(_lvspec_auto_k=ctl, _lvspec=True)
+    out = SimpleNamespace(num_scheduled_tokens={"a": 5, "b": 5}, total_num_scheduled_tokens=10,
+                          num_spec_tokens_to_schedule=4, scheduled_new_reqs=[],
+                          scheduled_spec_decode_tokens={"a": [5] * 4, "b": [6] * 4})
+    result = SimpleNamespace(req_id_to_index={"a": 0, "b": 1},
+                             sampled_token_ids=[[1] * 5, [1] * 2])
+
+    def update(self, scheduler_output, model_runner_output):
+        live["a"].num_output_tokens += 5
+        del live["b"]  # finished
+
+    SchedulerUpdatePatch.wrapper(update, scheduler, out, result)
+    reached = ctl.auto.profile.reached[1]  # batch size 2
+    assert reached[0] == pytest.approx([1, 1, 1, 1])      # "a" at 3: all accepted
+    assert reached[2] == pytest.approx([1, 1, 0, 0])      # "b" at 20 (16-31): one accepted
+    assert not np.delete(reached, [0, 2], axis=0).any()
+
+
 def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
     # With cold requests a step at k = 4 where a share s of the decode rows draft costs
     # T(0) + F + s V. Shares that differ tell F and V apart: k = 4 is never measured whole,
@@ -731,7 +826,7 @@ def test_with_cold_requests_k_follows_the_share_of_rows_that_would_draft():
     auto.caution = 0.0
     auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0, 8.0]),
                             np.array([[0.010, 0.018, 0.020, 0.021, 0.022]] * 4))
-    auto.profile.per_batch = lambda b: np.full(np.shape(b) + (4,), 0.8)
+    auto.profile.per_batch = lambda b, length=None: np.full(np.shape(b) + (4,), 0.8)
 
     def table(share, running):
         auto.observe(running or 1, 0, 0, None, [], [], warm_share=share, running=running)
@@ -760,7 +855,7 @@ def test_with_cold_requests_admissions_draft_only_where_whole_steps_draft_at_the
     pays, loses = [0.010, 0.018, 0.020, 0.021, 0.022], [0.010, 0.040, 0.045, 0.050, 0.055]
     auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0, 5.0, 6.0, 8.0]),
                             np.array([loses, loses, loses, pays, loses, pays]))
-    auto.profile.per_batch = lambda b: np.full(np.shape(b) + (4,), 0.8)
+    auto.profile.per_batch = lambda b, length=None: np.full(np.shape(b) + (4,), 0.8)
 
     def table(running, steps=1):
         for _ in range(steps):

@@ -152,7 +152,7 @@ def drafting_rows(lines: list[list]) -> dict[tuple[int, int], tuple[int, float, 
     decode-only steps that kept k and in which some rows drafted (whole and partly cold): the
     steps, the drafting rows, and the output tokens per drafting row (1 + its accepted drafts;
     a cold row emits one token). What ``auto_k``'s acceptance per batch size
-    (``AcceptanceByBatch``) reads there, from the steps' own outcomes."""
+    (``Acceptance``, its drafts at every position) reads there, from the steps' own outcomes."""
     groups = defaultdict(lambda: [0, 0.0, 0.0])
     for row in lines:
         if len(row) <= 9 or row[2] or not row[1] or row[1] != row[4] or not row[5]:

@@ -74,7 +74,17 @@ class AutoKController:
         logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d",
                     k_max, self.max_batch)
 
-    def after_step(self, scheduler, scheduler_output, model_runner_output) -> None:
+    @staticmethod
+    def positions(scheduler, scheduler_output) -> dict[str, int]:
+        """Per request with drafts to verify, its output tokens before the step: read before
+        vLLM's update, which appends the step's tokens and drops the requests that finish."""
+        live = scheduler.requests
+        return {r: live[r].num_output_tokens
+                for r in (scheduler_output.scheduled_spec_decode_tokens or ()) if r in live}
+
+    def after_step(self, scheduler, scheduler_output, model_runner_output,
+                   positions: dict[str, int] | None = None) -> None:
+        """``positions``: ``positions(scheduler, scheduler_output)`` from before the update."""
         now = time.perf_counter()
         batch = len(scheduler_output.num_scheduled_tokens)
         if batch == 0:
@@ -84,7 +94,8 @@ class AutoKController:
         # The wall time since the previous step's outcome is this step's cost, as long as the
         # engine had work in between (otherwise it includes idle time: not a sample).
         elapsed = now - self.last_end if self.last_end is not None else None
-        drafted, accepted = [], []
+        drafted, accepted, at = [], [], []
+        positions = positions or {}
         index = model_runner_output.req_id_to_index
         spec = scheduler_output.scheduled_spec_decode_tokens or {}
         for req_id, drafts in spec.items():
@@ -93,6 +104,7 @@ class AutoKController:
                 continue
             drafted.append(len(drafts))
             accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
+            at.append(positions.get(req_id, 0))
         # a decode row is its input token plus its drafts; everything else is prefill
         decode = {req_id: len(spec.get(req_id, ()))
                   for req_id, n in scheduler_output.num_scheduled_tokens.items()
@@ -128,7 +140,8 @@ class AutoKController:
                           1.0 if share is None else share, elapsed=elapsed,
                           admitted=len(scheduler_output.scheduled_new_reqs),
                           draft_seconds=sum(p[-1] for p in passes), warm_share=warm_share,
-                          running=None if warm_share is None else len(running))
+                          running=None if warm_share is None else len(running),
+                          positions=at)
         # publish at once what a short run must show: a k chosen for the first time, the
         # draft's prefill priced for the first time
         ready = self.auto.draft_cost.ready
@@ -186,13 +199,14 @@ class AutoKController:
             admission, per_request = self.auto.admission, self.auto.tokens_per_request
             logger.info(
                 "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha at this "
-                "batch %s; step ms by k at this batch, all rows drafting %s "
+                "batch over an output %s; step ms by k at this batch, all rows drafting %s "
                 "(standard errors %s; measured near it: k %s); output tokens per request %s; "
                 "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
                 "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
                 "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
                 batch, self.last_k, self.auto.share,
-                [round(float(a), 2) for a in self.auto.profile.alpha(batch)], costs, spread,
+                [round(float(a), 2)
+                 for a in self.auto.profile.alpha(batch, self.auto.tokens_per_request)], costs, spread,
                 measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
@@ -229,10 +243,11 @@ class SchedulerUpdatePatch(Patch):
 
     @staticmethod
     def wrapper(original, self, scheduler_output, model_runner_output):
-        out = original(self, scheduler_output, model_runner_output)
         ctl = _controller(self)
+        positions = None if ctl is None else ctl.positions(self, scheduler_output)
+        out = original(self, scheduler_output, model_runner_output)
         if self.__dict__["_lvspec"]:  # read by the engine core's post_step (engine_core.py)
             self.__dict__["_lvspec_last_k"] = scheduler_output.num_spec_tokens_to_schedule
         if ctl is not None:
-            ctl.after_step(self, scheduler_output, model_runner_output)
+            ctl.after_step(self, scheduler_output, model_runner_output, positions)
         return out

@@ -27,12 +27,15 @@ from lvspec_vllm.drafter.lag import Row
 
 def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
-        seed: int = 9, draft_fixed: float = 0.0,
-        gap: int = 0) -> list[tuple[int, float | None, int, float, int]]:
+        seed: int = 9, draft_fixed: float = 0.0, gap: int = 0,
+        late_alpha: float | None = None, early: int = 8,
+        positions: bool = True) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
     ``concurrency`` requests, its seconds, output tokens emitted). ``gap``: a finished
     request's successor arrives after 0 to ``gap`` steps (the batch size moves under
-    ``concurrency``, as a serving client's round trips make it)."""
+    ``concurrency``, as a serving client's round trips make it). ``late_alpha``: drafts made
+    at ``early`` output tokens or more are accepted at this instead (None: at ``alpha``);
+    ``positions``: the controller is told where in its output each drafting row was."""
     rng = random.Random(seed)
     arrivals: list[int] = []  # the steps at which the next requests arrive
     cold = ColdRequests(block_size=16)
@@ -56,10 +59,12 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
                             lambda i, n: [])
         decode = [r for r in ids if live[r][1] is not None]
         held = [live[r][1] for r in decode]
+        at = [output - live[r][0] for r in decode]
         accepted = []
-        for n in held:
+        for n, p in zip(held, at):
+            a = alpha if late_alpha is None or p < early else late_alpha
             m = 0
-            while m < n and rng.random() < alpha:
+            while m < n and rng.random() < a:
                 m += 1
             accepted.append(m)
         warm = [r for r, c in zip(ids, is_cold) if not c]
@@ -86,7 +91,8 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
                      [n for n in held if n], [m for n, m in zip(held, accepted) if n],
                      emitted, 1.0 if share is None else share, elapsed=t,
                      admitted=len(ids) - len(decode), warm_share=warm_share,
-                     running=len(live))
+                     running=len(live),
+                     positions=[p for n, p in zip(held, at) if n] if positions else None)
         seen.append((k, share, auto.table[concurrency], t, emitted))
         previous = k
     return seen
