@@ -268,8 +268,8 @@ def _doubling(n, last: int, unit: int = 1):
     1), output positions by 0-7, 8-15, 16-31 ... (unit 4)."""
     if isinstance(n, (int, np.integer)):
         return min(max(int(n) // unit, 1).bit_length() - 1, last)
-    b = np.maximum(np.asarray(n, dtype=np.int64) // unit, 1)
-    return np.minimum(np.floor(np.log2(b)).astype(int), last)
+    # frexp's exponent e: 2**(e - 1) <= x < 2**e, exactly
+    return np.minimum(np.frexp(np.maximum(np.asarray(n) // unit, 1))[1] - 1, last)
 
 
 class Acceptance:
@@ -299,13 +299,18 @@ class Acceptance:
                  decay: float = 0.995):
         self.pooled = AcceptanceProfile(k_max, decay=decay)
         self._last_batch = max(int(max_batch), 1).bit_length() - 1
-        shape = (self._last_batch + 1, self.POSITIONS, k_max)
-        self.reached, self.accepted = np.zeros(shape), np.zeros(shape)
+        # [reached, accepted] per batch size's doubling, output position's, draft position
+        self._counts = np.zeros((2, self._last_batch + 1, self.POSITIONS, k_max))
+        self.reached, self.accepted = self._counts
         self.weight = weight
         self.decay = decay
         # the tokens of each position bucket: [start, end) per bucket, the last open
         edges = [0] + [8 << i for i in range(self.POSITIONS - 1)] + [np.inf]
         self._starts, self._ends = np.array(edges[:-1]), np.array(edges[1:])
+        # per output position up to the last bucket's start, its bucket times a histogram
+        # row's width (k_max + 1 cut-offs): a lookup, as update runs at every drafting step
+        self._position_offset = _doubling(np.arange(edges[-2] + 1), self.POSITIONS - 1,
+                                          unit=4) * (k_max + 1)
 
     def update(self, batch: int, drafted: list[int], accepted: list[int],
                positions: list[int] | None = None) -> None:
@@ -314,19 +319,22 @@ class Acceptance:
         if not len(drafted):
             self.pooled.add(None)
             return
-        k_max = self.reached.shape[2]
-        n = np.minimum(drafted, k_max)
-        m = np.minimum(accepted, n)
-        self.pooled.add(_position_counts(n, m, k_max))
-        where = np.zeros(len(n), dtype=int) if positions is None else \
-            _doubling(positions, self.POSITIONS - 1, unit=4)
-        counts = [np.bincount(where * (k_max + 1) + cut, minlength=self.POSITIONS * (k_max + 1))
-                  .reshape(self.POSITIONS, k_max + 1)[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
-                  for cut in (np.minimum(m + 1, n), m)]
-        touched = np.flatnonzero(counts[0][:, 0])  # the positions with drafting rows
-        b = _doubling(int(batch), self._last_batch)
-        for cells, new in ((self.reached, counts[0]), (self.accepted, counts[1])):
-            cells[b, touched] = cells[b, touched] * self.decay + new[touched]
+        # _position_counts per output position, in one histogram of the rows' cut-offs
+        # (reached, then accepted), and its suffix sums
+        k_max, width = self._counts.shape[-1], self._counts.shape[-1] + 1
+        half = self.POSITIONS * width
+        rows = np.array([drafted, accepted, positions or [0] * len(drafted)])
+        n = np.minimum(rows[0], k_max)
+        m = np.minimum(rows[1], n)
+        at = self._position_offset[np.minimum(rows[2], len(self._position_offset) - 1)]
+        counts = np.bincount(np.concatenate([at + np.minimum(m + 1, n), at + m + half]),
+                             minlength=2 * half).reshape(2, self.POSITIONS, width)
+        counts = counts[..., ::-1].cumsum(-1)[..., -2::-1]  # [2, POSITIONS, k_max]
+        self.pooled.add(counts.sum(1))
+        # a position's cells decay only where rows drafted at it
+        cells = self._counts[:, _doubling(int(batch), self._last_batch)]
+        cells *= np.where(counts[0, :, :1] > 0, self.decay, 1.0)
+        cells += counts
 
     def alpha(self, batch: int | None = None, length: float | None = None) -> np.ndarray:
         """alpha per draft position at ``batch`` over an output of ``length`` (None: pooled)."""
@@ -791,8 +799,10 @@ class AutoK:
         # the draft's prefill timed by the drafter itself, where it reports its passes
         # (observe_draft); it takes precedence over the step-time fit's difference
         self.draft_cost = DraftPassCost(k_max)
-        self._tokens = np.zeros(3)  # decayed (prefill tokens, output tokens, requests admitted)
-        self._load = np.zeros(2)  # decayed (sum of the steps' batch sizes, steps)
+        # decayed sums, plain floats as they change every step: (prefill tokens, output
+        # tokens, requests admitted) and (the steps' batch sizes, steps)
+        self._tokens = [0.0, 0.0, 0.0]
+        self._load = [0.0, 0.0]
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -844,8 +854,10 @@ class AutoK:
         if warm_share is not None:
             self.share, self.running = warm_share, running
         self._since_fit += wall or 0.0
-        self._tokens = self._tokens * self._decay + (prefill, emitted or 0, admitted)
-        self._load = self._load * self._decay + (batch, 1.0)
+        d = self._decay
+        self._tokens = [self._tokens[0] * d + prefill, self._tokens[1] * d + (emitted or 0),
+                        self._tokens[2] * d + admitted]
+        self._load = [self._load[0] * d + batch, self._load[1] * d + 1.0]
         self.last_k = k
         if drafted:
             self.profile.update(batch, drafted, accepted, positions)

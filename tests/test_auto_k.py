@@ -438,10 +438,9 @@ def _ramp(alpha, fit_cost=None):
 def test_the_fit_takes_at_most_its_budget_of_the_engines_time(alpha):
     """The fit runs in the engine's step loop. Where it is dear (here 20 ms, about one step)
     it waits until the engine ran a hundred times its cost since the last one: about a fifth of
-    the fits, 1 % of the engine's time, and choices within 8 % of the best. (Over 32 seeds of
-    this ramp at alpha 0.95 the worst level was 0.93-1.0 of the best with the budget, a fifth
-    of the seeds at 0.93: k = 4 at 64 requests where 2 is best, the levels at k = 1-3 there
-    interpolated; without it 0.97-1.0 over 8 seeds.) Where it is cheap the budget changes
+    the fits, 1 % of the engine's time, and choices within 8 % of the best. (At alpha 0.95 this
+    seed's worst level is 0.93 of the best: k = 4 at 64 requests where 2 is best, with fewer
+    fits the levels at k = 1-3 there are interpolated.) Where it is cheap the budget changes
     nothing."""
     unlimited, _, _ = _ramp(alpha)
     auto, engine, ours = _ramp(alpha, fit_cost=0.02)

@@ -29,12 +29,15 @@ def per_step_us(max_batch: int, steps: int, batch: int, seed: int = 0,
         b = rng.choice(sizes)
         k = auto.next_table()[b]
         auto.observe(b, k, 100 if i % 9 == 0 else 0, 0.005 + 0.001 * k,
-                     [k] * b if k else [], [1] * b if k else [], b)
+                     [k] * b if k else [], [1] * b if k else [], b,
+                     positions=[rng.randrange(256) for _ in range(b)] if k else None)
+    # each request's output tokens before the step, as the scheduler's hook reads them
+    at = [rng.randrange(256) for _ in range(batch)]
     t0 = time.perf_counter()
     for _ in range(steps):
         k = auto.next_table()[batch]
         auto.observe(batch, k, 0, 0.005 + 0.001 * k, [k] * batch if k else [],
-                     [1] * batch if k else [], batch)
+                     [1] * batch if k else [], batch, positions=at if k else None)
     return (time.perf_counter() - t0) / steps * 1e6
 
 
