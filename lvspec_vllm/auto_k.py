@@ -82,7 +82,11 @@ while what the explorations cost, in seconds beyond what the table's k would hav
 the tokens they emitted (by the fit and the measured acceptance), is at most a share of the
 engine's time (both decayed). Where a k off the table costs little, or pays, they run on
 every turn; where it is dear (a drafting step at twice a plain one's cost, this CPU) they
-grow rare, and their cost stays near that share instead of half the time.
+grow rare, and their cost stays near that share instead of half the time. The share itself
+shrinks where drafting is far from paying at the load's batch size (the best k > 0's goodput
+under 0.9 of k = 0's, down to an eighth of the share at 0.5; ``AutoK.explore_share``):
+explorations are how a change that makes drafting pay is found, and the farther it is, the less
+likely such a change and the less finding it late costs.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
@@ -775,6 +779,11 @@ class AutoK:
     clock = staticmethod(time.perf_counter)
     # explorations may cost this share of the engine's time (decayed by budget_decay per step)
     explore_budget = 0.03
+    # ... scaled by how near drafting is to paying at the load's batch size (``_near``): the
+    # whole budget where the best k > 0 is within ``explore_near[1]`` of k = 0's goodput, an
+    # ``explore_least`` share of it at ``explore_near[0]`` and below, linear in between
+    explore_near = (0.5, 0.9)
+    explore_least = 0.125
     budget_decay = 0.999
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
@@ -819,6 +828,8 @@ class AutoK:
         # share 1, until the next fit
         self._composed: dict[tuple[int, int], list[int]] = {}
         self.fitted: StepTimes | None = None
+        # [max_batch + 1]: the best k > 0's goodput over k = 0's, whole steps, at the last fit
+        self._near: np.ndarray | None = None
         self.steps = 0
         self.last_k: int | None = None
         # decayed seconds: of every timed step after calibration, and what the explorations'
@@ -918,6 +929,9 @@ class AutoK:
                                             self.admission, self.tokens_per_request,
                                             q / self.SHARES) for q in shares}
                 self._composed = {}
+                g = goodput_table(alpha, self.fitted, self.max_batch, self.k_max,
+                                  self.admission, self.tokens_per_request)
+                self._near = g[:, 1:].max(axis=1) / np.maximum(g[:, 0], 1e-12)
             self.fit_seconds, self._since_fit = self.clock() - started, 0.0
             self.fits += 1
         if self._tables:
@@ -928,8 +942,7 @@ class AutoK:
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
                 # pays once every row drafts, if whole steps draft at the load's batch size
                 # too (see the module docstring); below, the k that pays at the running share
-                load = int(min(max(round(self._load[0] / max(self._load[1], 1e-9)), 1),
-                               self.max_batch))
+                load = self._load_size()
                 key = (q, self.running, load)
                 if key not in self._composed:
                     top, whole = self.running + 1, self._tables[self.SHARES]
@@ -939,7 +952,7 @@ class AutoK:
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps
-            self._exploring = self.overspent <= self.explore_budget * self.elapsed
+            self._exploring = self.overspent <= self.explore_share() * self.elapsed
             self._turns += self._exploring
         cold = self.price_admission
         if phase >= (self.cold_hold if cold else 2) or not self._exploring:
@@ -964,6 +977,23 @@ class AutoK:
         if not self.price_admission:
             return 1.0
         return np.floor(self.share * self.SHARES + 1e-9) / self.SHARES
+
+    def explore_share(self) -> float:
+        """The explorations' share of the engine's time now: ``explore_budget``, less where
+        drafting is far from paying at the load's batch size. Explorations are how a change
+        that makes drafting pay is found; the farther the best k > 0 is from paying, the
+        less likely such a change is, and the less finding it late costs. On a 2-core CPU
+        a k = 4 step at one request emits a token for 1.5 times a k = 0 one's cost."""
+        if self._near is None:
+            return self.explore_budget
+        lo, hi = self.explore_near
+        near = float(self._near[self._load_size()])
+        return self.explore_budget * min(max((near - lo) / (hi - lo), self.explore_least), 1.0)
+
+    def _load_size(self) -> int:
+        """The load's batch size: the decayed mean of the steps' batch sizes."""
+        return int(min(max(round(self._load[0] / max(self._load[1], 1e-9)), 1),
+                       self.max_batch))
 
     def _fit_due(self) -> bool:
         return self.fit_budget is None or self._since_fit * self.fit_budget >= self.fit_seconds

@@ -206,13 +206,13 @@ class AutoKController:
                 "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
                 batch, self.last_k, self.auto.share,
                 [round(float(a), 2)
-                 for a in self.auto.profile.alpha(batch, self.auto.tokens_per_request)], costs, spread,
-                measured,
+                 for a in self.auto.profile.alpha(batch, self.auto.tokens_per_request)],
+                costs, spread, measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),
-                100 * self.auto.explore_budget, self.auto.fits, self.auto.fit_seconds * 1e3,
+                100 * self.auto.explore_share(), self.auto.fits, self.auto.fit_seconds * 1e3,
                 self.auto.table[1:65], dict(self.steps_by_k))
 
 
