@@ -693,12 +693,16 @@ def _level_spread(coef, k, share, cols, w, t, seen, level) -> np.ndarray:
     """Each level's standard error at a grid point: the fit's relative residual spread, pooled
     over every k (one k's few samples alone would fit themselves), times the level, over the
     square root of that k's effective sample count (its Gaussian- and age-weighted samples).
-    A k without samples of its own takes the largest of the measured ones'."""
+    A k without samples of its own takes the largest of the measured ones'. A residual is
+    relative to the larger of the prediction and the step's own seconds: a sample far from the
+    grid point can be predicted at 0 or below (the slope carried that far), and a share of
+    that would make the spread, and the caution on every k > 0, thousands of times too large
+    (a 2-core CPU's serving run: 329 ms against levels of 6-20 ms)."""
     n = len(level)
     f = np.concatenate([[0.0], coef[1:n]])[k]
     v = np.concatenate([[0.0], coef[n:2 * n - 1]])[k]
     predicted = coef[0] + f + share * v + coef[2 * n - 1:] @ cols
-    relative = (t - predicted) / np.maximum(predicted, 1e-6)
+    relative = (t - predicted) / np.maximum(np.maximum(predicted, t), 1e-6)
     # degrees of freedom: the effective sample count less the fitted levels and columns
     total = w.sum() ** 2 / max((w * w).sum(), 1e-12)
     fitted = 2 * int(seen.sum()) - 1 + len(cols)

@@ -553,6 +553,26 @@ def test_the_explorations_budget_shrinks_as_drafting_is_far_from_paying():
     assert AutoK(4, 4).explore_share() == AutoK.explore_budget  # nothing fitted: all of it
 
 
+def test_a_sample_predicted_at_zero_or_below_does_not_blow_up_the_levels_spread():
+    # at a grid point, k = 0 and k = 1 steps of 6 and 10 ms (1 % noise) near it, and one far
+    # sample of 5 ms, barely weighted, that the slope in the batch size predicts at -4 ms:
+    # relative to the clamped prediction its residual was 9,000, and the spread 100 times
+    # the levels (a 2-core CPU's serving run: 329 ms against 6-20 ms)
+    from lvspec_vllm.auto_k import _level_spread
+
+    rng = np.random.default_rng(0)
+    k = np.array([0, 1] * 20 + [0])
+    level = np.array([0.006, 0.010])
+    t = np.concatenate([level[k[:-1]] * rng.uniform(0.99, 1.01, 40), [0.005]])
+    delta = np.concatenate([np.zeros(40), [-10.0]])  # batch size less the window's centre
+    w = np.concatenate([np.ones(40), [1e-3]])
+    coef = np.array([0.006, 0.004, 0.0, 0.001])  # L0, F_1, V_1, slope per request
+    spread = _level_spread(coef, k, np.ones(41), delta[None, :], w, t,
+                           np.array([True, True]), level)
+    assert np.all(spread < 0.05 * level)
+    assert np.all(spread > 0)
+
+
 def test_a_k_measured_long_ago_stays_measured():
     # A batch size that drafts runs k = 0 rarely: its k = 0 samples grow old against the many
     # at k = 4 after them, but they are the baseline, not a guess from the k > 0 levels
