@@ -556,8 +556,8 @@ def test_the_explorations_budget_shrinks_as_drafting_is_far_from_paying():
 def test_a_sample_predicted_at_zero_or_below_does_not_blow_up_the_levels_spread():
     # at a grid point, k = 0 and k = 1 steps of 6 and 10 ms (1 % noise) near it, and one far
     # sample of 5 ms, barely weighted, that the slope in the batch size predicts at -4 ms:
-    # relative to the clamped prediction its residual was 9,000, and the spread 100 times
-    # the levels (a 2-core CPU's serving run: 329 ms against 6-20 ms)
+    # relative to the clamped prediction its residual was 9,000, and the spread ten times
+    # the levels (a 2-core CPU's serving run logged 766 ms against 6-20 ms)
     from lvspec_vllm.auto_k import _level_spread
 
     rng = np.random.default_rng(0)
