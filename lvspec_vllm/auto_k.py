@@ -340,12 +340,6 @@ class Acceptance:
         cells *= np.where(counts[0, :, :1] > 0, self.decay, 1.0)
         cells += counts
 
-    def alpha(self, batch: int | None = None, length: float | None = None) -> np.ndarray:
-        """alpha per draft position at ``batch`` over an output of ``length`` (None: pooled)."""
-        if batch is None:
-            return self.pooled.alpha()
-        return self.per_batch(batch, length)
-
     def per_batch(self, batch, length: float | None = None) -> np.ndarray:
         """[..., k_max]: alpha at each of ``batch`` (an int, or an array of batch sizes) over
         an output of ``length`` tokens: the alpha whose E(k) is, for every k, the harmonic mean
@@ -834,6 +828,8 @@ class AutoK:
         self.fitted: StepTimes | None = None
         # [max_batch + 1]: the best k > 0's goodput over k = 0's, whole steps, at the last fit
         self._near: np.ndarray | None = None
+        # [max_batch + 1, k_max]: the alpha per batch size the last fit chose the tables with
+        self.alpha: np.ndarray | None = None
         self.steps = 0
         self.last_k: int | None = None
         # decayed seconds: of every timed step after calibration, and what the explorations'
@@ -898,8 +894,8 @@ class AutoK:
         if (explored or self._explored_last) and self.fitted is not None:
             q = self._shared()
             t = float(self.fitted.step_time(batch, planned, q))
-            if emitted is not None:  # the table's seconds for these tokens
-                alpha = self.profile.alpha(batch, self.tokens_per_request)
+            if emitted is not None:  # the table's seconds for these tokens, as it was chosen
+                alpha = self.alpha[min(batch, self.max_batch)]
                 e = 1.0 + q * (expected_tokens(alpha, planned) - 1.0)
                 t *= emitted / max(batch * e, 1e-9)
             self.overspent += seconds - t
@@ -926,8 +922,8 @@ class AutoK:
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 cautious = self.fitted.cautious(self.caution)
-                alpha = self.profile.per_batch(np.arange(self.max_batch + 1),
-                                               self.tokens_per_request)
+                self.alpha = alpha = self.profile.per_batch(np.arange(self.max_batch + 1),
+                                                            self.tokens_per_request)
                 shares = range(self.SHARES + 1) if self.price_admission else [self.SHARES]
                 self._tables = {q: choose_k(alpha, cautious, self.max_batch, self.k_max,
                                             self.admission, self.tokens_per_request,

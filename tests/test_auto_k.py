@@ -152,17 +152,17 @@ def test_acceptance_by_batch_reads_its_own_counts_where_it_has_them_and_the_pool
         prof.update(9, [4] * 9, [_draw(rng, high) for _ in range(9)])
     assert np.allclose(prof.per_batch(1), low, atol=0.06)
     assert np.allclose(prof.per_batch(12), high, atol=0.03)  # 8-15: one bucket
-    pooled = prof.alpha()
+    pooled = prof.pooled.alpha()
     assert np.all(pooled > np.array(low) + 0.05)  # the pooled profile is the many rows'
     # a batch size without drafting steps of its own reads the pooled profile
     for batch in (2, 3, 40, 64, 500):
         assert np.allclose(prof.per_batch(batch), pooled)
     table = prof.per_batch(np.arange(65))
     assert table.shape == (65, 4)
-    assert np.allclose(table[1], prof.alpha(1)) and np.allclose(table[0], table[1])
+    assert np.allclose(table[1], prof.per_batch(1)) and np.allclose(table[0], table[1])
     # few steps of its own: mostly the pooled profile (a prior of ``weight`` reached drafts)
     prof.update(2, [4], [0])
-    assert prof.per_batch(2)[0] == pytest.approx(16 * prof.alpha()[0] / 17)
+    assert prof.per_batch(2)[0] == pytest.approx(16 * prof.pooled.alpha()[0] / 17)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -760,6 +760,35 @@ def test_the_hook_counts_each_draft_at_the_output_position_it_was_made_at():
     assert reached[0] == pytest.approx([1, 1, 1, 1])      # "a" at 3: all accepted
     assert reached[2] == pytest.approx([1, 1, 0, 0])      # "b" at 20 (16-31): one accepted
     assert not np.delete(reached, [0, 2], axis=0).any()
+
+
+def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypatch):
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches import scheduler as hook
+
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=[0] * 5,
+                                get_num_unfinished_requests=lambda: 2)
+    ctl = hook.AutoKController(scheduler, 4)
+    lines = []
+    monkeypatch.setattr(hook.logger, "info", lambda fmt, *args: lines.append(fmt % args))
+    ctl._last_log = float("-inf")
+    ctl._report(2, publish=False)
+    assert "alpha at this batch over an output, at the last fit n/a" in lines[-1]
+    auto = ctl.auto
+    while auto.fitted is None:
+        k = auto.next_table()[2]
+        auto.observe(2, k, 0, 0.005 + 0.001 * k, [k] * 2 if k else [],
+                     [min(k, 3)] * 2 if k else [], 2 + 2 * min(k, 3))
+    # the profile moves on after the fit; the line shows what the table was chosen with
+    auto.profile.update(2, [4] * 2, [0] * 2)
+    assert auto.profile.per_batch(2, auto.tokens_per_request)[0] != pytest.approx(
+        auto.alpha[2][0])
+    ctl._last_log = float("-inf")
+    ctl._report(2, publish=False)
+    shown = [round(float(a), 2) for a in auto.alpha[2]]
+    assert f"alpha at this batch over an output, at the last fit {shown}" in lines[-1]
 
 
 def test_partly_cold_steps_are_samples_of_the_share_that_drafted():

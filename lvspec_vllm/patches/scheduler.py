@@ -199,14 +199,15 @@ class AutoKController:
             admission, per_request = self.auto.admission, self.auto.tokens_per_request
             logger.info(
                 "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha at this "
-                "batch over an output %s; step ms by k at this batch, all rows drafting %s "
-                "(standard errors %s; measured near it: k %s); output tokens per request %s; "
-                "draft prefill per output token when drafting, ms %s (drafter's clock: us per "
-                "prompt token %s, %d passes); explorations' cost %.1f %% of the time (budget "
-                "%.1f %%); %d fits, the last %.2f ms; k by batch size %s; steps by k %s",
+                "batch over an output, at the last fit %s; step ms by k at this batch, all "
+                "rows drafting %s (standard errors %s; measured near it: k %s); output tokens "
+                "per request %s; draft prefill per output token when drafting, ms %s "
+                "(drafter's clock: us per prompt token %s, %d passes); explorations' cost "
+                "%.1f %% of the time (budget %.1f %%); %d fits, the last %.2f ms; k by batch "
+                "size %s; steps by k %s",
                 batch, self.last_k, self.auto.share,
-                [round(float(a), 2)
-                 for a in self.auto.profile.alpha(batch, self.auto.tokens_per_request)],
+                "n/a" if self.auto.alpha is None else
+                [round(float(a), 2) for a in self.auto.alpha[min(batch, self.max_batch)]],
                 costs, spread, measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
