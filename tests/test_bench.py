@@ -182,6 +182,44 @@ def test_repeated_serve_runs_report_the_median_per_level():
     assert "| lvspec-auto | 95.0 [80-110] (0.86x; 2.50; k 1.5) |" in markdown([paired], "h")
 
 
+def test_paired_ratios_over_rounds_and_sweeps_with_their_interval(tmp_path, capsys):
+    import json
+    import math
+
+    from lvspec_vllm.bench import paired
+
+    def sweep(none, auto):
+        return {"runs": [{"mode": m, "levels": [
+            {"concurrency": c, "tokens_per_s": runs[0], "tokens_per_s_runs": runs}
+            for c, runs in zip((1, 4), levels)]} for m, levels in (("none", none), ("a", auto))]}
+
+    one = sweep([[100, 200], [400, 400]], [[90, 200], [360, 440]])
+    two = sweep([[100], [400]], [[110], [400]])
+    ratios = paired.paired_ratios([one, two], "a", "none")
+    assert ratios == [pytest.approx([0.9, 1.0, 1.1]), pytest.approx([0.9, 1.1, 1.0])]
+    mean, lo, hi = paired.ratio_interval([0.9, 1.0, 1.1])
+    logs = [math.log(r) for r in (0.9, 1.0, 1.1)]
+    sd = math.sqrt(sum((x - sum(logs) / 3) ** 2 for x in logs) / 2)
+    assert mean == pytest.approx(math.exp(sum(logs) / 3))
+    assert math.log(hi / mean) == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert lo < mean < hi and math.isnan(paired.ratio_interval([1.2])[1])  # one round
+    # more rounds of the same spread: a narrower interval
+    wide, narrow = (paired.ratio_interval([0.9, 1.1] * n) for n in (2, 8))
+    assert narrow[2] - narrow[1] < wide[2] - wide[1]
+    files = []
+    for i, s in enumerate((one, two)):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(s))
+    paired.main([*map(str, files), "--mode", "a"])
+    out = capsys.readouterr().out
+    assert "| a / none | 1.00x [" in out and "| rounds | 3 | 3 | 6 |" in out
+    with pytest.raises(SystemExit, match="'b' is not in a sweep"):
+        paired.paired_ratios([one], "b", "none")
+    three = sweep([[100]], [[100]])
+    with pytest.raises(SystemExit, match="different levels"):
+        paired.paired_ratios([one, three], "a", "none")
+
+
 def test_repeated_offline_runs_report_the_median_throughput_and_its_range():
     from lvspec_vllm.bench.cli import markdown, merge_repeats, summarise
 
@@ -328,6 +366,21 @@ def test_auto_k_cost_prints_microseconds_per_step(capsys):
     assert all(float(line.split()[2]) > 0 for line in lines)
 
 
+def test_auto_k_cost_times_the_whole_hook_on_a_simulated_engine():
+    # the controller settles where the simulated engine says it should: k = 0 where a
+    # drafting step costs twice a plain one, k > 0 where drafts are cheap and accepted
+    from lvspec_vllm.bench import auto_k_cost
+    from lvspec_vllm.patches import scheduler as hook
+
+    real = hook.time
+    us, ks, table = auto_k_cost.hook_us_per_step(4, 200, "drafting cannot pay", warmup=600)
+    # explorations from k = 0 run k > 0 for 4 steps in 16 (mostly rows that never draft)
+    assert us > 0 and table == 0 and ks[0] >= 0.7 * 200
+    us, ks, table = auto_k_cost.hook_us_per_step(4, 200, "drafting pays", warmup=600)
+    assert us > 0 and table > 0 and ks[0] < 0.2 * 200
+    assert hook.time is real  # the hook's clock is given back
+
+
 def test_step_phases_times_vllms_phases_per_step(tmp_path):
     """The world pair (committed), no speculation against a speculative engine at k = 0: the
     same steps and tokens, each phase's time per step; its k = 0 steps take vLLM's plain path
@@ -352,3 +405,8 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
         assert f"GPUModelRunner.{phase}" not in k0["seconds"]
         assert spec_path["seconds"][f"GPUModelRunner.{phase}"] > 0
     assert "| GPUModelRunner._model_forward |" in proc.stdout and "| steps |" in proc.stdout
+    # none and k = 0 by schedule run at k = 0 throughout (the warm-up's last step too): every
+    # timed step is a steady k = 0 step
+    for run in (none, k0, spec_path):
+        assert run["k0_steps"] == run["steps"] and run["k0_seconds"] == run["seconds"]
+    assert "| phase, us per steady k = 0 step |" in proc.stdout

@@ -10,6 +10,9 @@ request ``--max-tokens`` long. The phases are vLLM's own methods, each wrapped w
 the benchmark's process only (no LVSpec code path changes); a phase's time includes the phases
 it calls. Printed: per phase the median over rounds of its microseconds per engine step, each
 mode's steps and output tokens/s. (At k = 0 every mode takes the same steps; at k > 0 fewer.)
+Then the same over the steady k = 0 steps only (a step at k = 0 after one at k = 0: with
+``auto-cold``, the steps its table spends without speculation), where what a speculative
+engine costs beyond ``none`` is its overhead alone, not its drafting.
 
 Modes: ``none`` (no speculative config), ``k0`` (LVSpec, vLLM's schedule at k = 0 for every
 batch size, cold requests: a speculative engine that drafts nothing), ``k0-warm`` (the same
@@ -51,8 +54,17 @@ PHASES = [
 ]
 
 
-def _clock_phases(totals: dict[str, list]) -> None:
+_STEP = "EngineCore.step"
+
+
+def _clock_phases(totals: dict[str, list], steady: dict[str, list]) -> None:
+    """Wrap each phase with a clock. ``totals``: per phase [seconds, calls] over every step;
+    ``steady``: the same over the steps that ran at k = 0 after a step at k = 0 (their k is
+    what ``Scheduler.schedule`` set; no speculative config: 0), where a speculative engine's
+    step is one without speculation, so what it costs beyond one is overhead."""
     import importlib
+
+    state = {"k": None, "previous": None, "step": {}}
 
     for phase in PHASES:
         module, _, path = phase.partition(":")
@@ -66,11 +78,24 @@ def _clock_phases(totals: dict[str, list]) -> None:
         def clocked(*args, __f=original, __name=name, **kwargs):
             t0 = time.perf_counter()
             try:
-                return __f(*args, **kwargs)
+                out = __f(*args, **kwargs)
+                if __name == "Scheduler.schedule":
+                    state["k"] = getattr(out, "num_spec_tokens_to_schedule", None) or 0
+                return out
             finally:
-                entry = totals.setdefault(__name, [0.0, 0])
+                step = state["step"]
+                entry = step.setdefault(__name, [0.0, 0])
                 entry[0] += time.perf_counter() - t0
                 entry[1] += 1
+                if __name == _STEP:  # the outermost phase: the step is done
+                    k_now = state["k"]
+                    into = [totals] + ([steady] if k_now == 0 == state["previous"] else [])
+                    for target in into:
+                        for phase_name, (seconds, calls) in step.items():
+                            t = target.setdefault(phase_name, [0.0, 0])
+                            t[0] += seconds
+                            t[1] += calls
+                    state["previous"], state["k"], state["step"] = k_now, None, {}
         setattr(owner, attr, clocked)
 
 
@@ -80,11 +105,12 @@ def run_one(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     totals: dict[str, list] = {}  # phase -> [seconds, calls]
+    steady: dict[str, list] = {}  # the same over steady k = 0 steps
     # around the plugin's patches, so that a phase a patch shortens is timed as it runs
     import lvspec_vllm
 
     lvspec_vllm.register()
-    _clock_phases(totals)
+    _clock_phases(totals, steady)
     from vllm import LLM, SamplingParams
 
     from lvspec_vllm.world import data, scenes
@@ -104,13 +130,16 @@ def run_one(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(requests * 2, params, use_tqdm=False)  # warm-up: the same batch shapes
     totals.clear()
+    steady.clear()
     t0 = time.perf_counter()
     outs = llm.generate(requests * args.repeat, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     return {"mode": args.mode, "elapsed_s": elapsed,
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-            "steps": totals.get("EngineCore.step", [0.0, 0])[1],
-            "seconds": {name: entry[0] for name, entry in totals.items()}}
+            "steps": totals.get(_STEP, [0.0, 0])[1],
+            "seconds": {name: entry[0] for name, entry in totals.items()},
+            "k0_steps": steady.get(_STEP, [0.0, 0])[1],
+            "k0_seconds": {name: entry[0] for name, entry in steady.items()}}
 
 
 def main(argv=None) -> None:
@@ -159,18 +188,26 @@ def main(argv=None) -> None:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    """Per phase, the median over rounds of its microseconds per engine step."""
+    """Per phase, the median over rounds of its microseconds per engine step; then the same
+    over the steps at k = 0 that followed a step at k = 0 (every step of ``none`` and ``k0``)."""
     modes = list(runs)
-    lines = ["| phase, us per step | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
-    for name in (p.partition(":")[2] for p in PHASES):
-        cells = [statistics.median(r["seconds"].get(name, 0.0) * 1e6 / r["steps"]
-                                   for r in runs[m]) for m in modes]
-        if any(cells):
-            lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-    for label, value in (("steps", lambda r: r["steps"]),
-                         ("output tokens/s", lambda r: r["output_tokens"] / r["elapsed_s"])):
-        cells = [statistics.median(value(r) for r in runs[m]) for m in modes]
-        lines.append(f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    lines = []
+    for title, seconds, steps in (("us per step", "seconds", "steps"),
+                                  ("us per steady k = 0 step", "k0_seconds", "k0_steps")):
+        lines += ([""] if lines else []) + [f"| phase, {title} | " + " | ".join(modes) + " |",
+                                            "|---|" + "---|" * len(modes)]
+        for name in (p.partition(":")[2] for p in PHASES):
+            cells = [statistics.median(r.get(seconds, {}).get(name, 0.0) * 1e6
+                                       / max(r.get(steps, 0), 1) for r in runs[m])
+                     for m in modes]
+            if any(cells):
+                lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+        cells = [statistics.median(r.get(steps, 0) for r in runs[m]) for m in modes]
+        lines.append("| steps | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    cells = [statistics.median(r["output_tokens"] / r["elapsed_s"] for r in runs[m])
+             for m in modes]
+    lines.insert(lines.index(""), "| output tokens/s | "
+                 + " | ".join(f"{c:.0f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
