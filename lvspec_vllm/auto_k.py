@@ -94,6 +94,7 @@ feeds it and applies the choice through vLLM's own per-batch-size k table.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -772,7 +773,7 @@ class AutoK:
     # None: refit every refit_every steps. A share: also wait until the engine's time since
     # the last fit is that fit's own duration over the share, so that the fit, which runs in
     # the engine's step loop, takes at most that share of it (a fit of a few ms every 16 steps
-    # of 5 ms is 3 % of a small model's engine on a 2-core CPU; the controller sets 1 %)
+    # of 5 ms is 3 % of a small model's engine on a 2-core CPU; the controller sets 0.25 %)
     fit_budget: float | None = None
     clock = staticmethod(time.perf_counter)
     # explorations may cost this share of the engine's time (decayed by budget_decay per step)
@@ -822,10 +823,14 @@ class AutoK:
         self.share = 1.0
         self.running: int | None = None  # the requests the last step left running
         self._tables: dict[int, list[int]] = {}
+        # what the last fit chose with: (alpha per batch size, cautious step times, admission
+        # cost, output tokens per request); None before a fit
+        self._choice: tuple | None = None
         # (share in eighths, running requests) -> its table with admitting batch sizes at
         # share 1, until the next fit
         self._composed: dict[tuple[int, int], list[int]] = {}
         self.fitted: StepTimes | None = None
+        self._planned_seconds: dict[tuple, float] = {}  # _spend's fitted step times, per fit
         # [max_batch + 1]: the best k > 0's goodput over k = 0's, whole steps, at the last fit
         self._near: np.ndarray | None = None
         # [max_batch + 1, k_max]: the alpha per batch size the last fit chose the tables with
@@ -893,7 +898,10 @@ class AutoK:
         explored = k != planned
         if (explored or self._explored_last) and self.fitted is not None:
             q = self._shared()
-            t = float(self.fitted.step_time(batch, planned, q))
+            key = (batch, planned, q)
+            t = self._planned_seconds.get(key)
+            if t is None:  # the same few keys until the next fit
+                t = self._planned_seconds[key] = float(self.fitted.step_time(batch, planned, q))
             if emitted is not None:  # the table's seconds for these tokens, as it was chosen
                 alpha = self.alpha[min(batch, self.max_batch)]
                 e = 1.0 + q * (expected_tokens(alpha, planned) - 1.0)
@@ -919,24 +927,22 @@ class AutoK:
         if (self.fitted is None or self.steps % self.refit_every == 0) and self._fit_due():
             started = self.clock()
             self.fitted = self.costs.fit() or self.fitted
+            self._planned_seconds = {}
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 cautious = self.fitted.cautious(self.caution)
                 self.alpha = alpha = self.profile.per_batch(np.arange(self.max_batch + 1),
                                                             self.tokens_per_request)
-                shares = range(self.SHARES + 1) if self.price_admission else [self.SHARES]
-                self._tables = {q: choose_k(alpha, cautious, self.max_batch, self.k_max,
-                                            self.admission, self.tokens_per_request,
-                                            q / self.SHARES) for q in shares}
-                self._composed = {}
+                self._choice = (alpha, cautious, self.admission, self.tokens_per_request)
+                self._tables, self._composed = {}, {}
                 g = goodput_table(alpha, self.fitted, self.max_batch, self.k_max,
                                   self.admission, self.tokens_per_request)
                 self._near = g[:, 1:].max(axis=1) / np.maximum(g[:, 0], 1e-12)
             self.fit_seconds, self._since_fit = self.clock() - started, 0.0
             self.fits += 1
-        if self._tables:
+        if self._choice is not None:
             q = round(self._shared() * self.SHARES)
-            self.table = self._tables[q]
+            self.table = self._table_at(q)
             if q < self.SHARES and self.running is not None:
                 # a batch size above the running requests' admits some: whether they draft
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
@@ -945,7 +951,7 @@ class AutoK:
                 load = self._load_size()
                 key = (q, self.running, load)
                 if key not in self._composed:
-                    top, whole = self.running + 1, self._tables[self.SHARES]
+                    top, whole = self.running + 1, self._table_at(self.SHARES)
                     admit = whole[top:] if whole[load] else [0] * len(whole[top:])
                     self._composed[key] = self.table[:top] + admit
                 self.table = self._composed[key]
@@ -971,12 +977,24 @@ class AutoK:
         return [up if k == 0 and cold else min(self.k_max, max(0, k + nudge))
                 for k in self.table]
 
+    def _table_at(self, q: int) -> list[int]:
+        """The last fit's table at a share of q / SHARES drafting rows, chosen when first asked
+        for (a load passes through a few shares between fits); its time counts as the fit's."""
+        table = self._tables.get(q)
+        if table is None:
+            started = self.clock()
+            alpha, cautious, admission, length = self._choice
+            table = self._tables[q] = choose_k(alpha, cautious, self.max_batch, self.k_max,
+                                               admission, length, q / self.SHARES)
+            self.fit_seconds += self.clock() - started
+        return table
+
     def _shared(self) -> float:
         """The share the table is chosen at: ``share`` rounded down to a step of 1 / SHARES
         (1 without cold requests)."""
         if not self.price_admission:
             return 1.0
-        return np.floor(self.share * self.SHARES + 1e-9) / self.SHARES
+        return math.floor(self.share * self.SHARES + 1e-9) / self.SHARES
 
     def explore_share(self) -> float:
         """The explorations' share of the engine's time now: ``explore_budget``, less where

@@ -773,9 +773,19 @@ def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypa
     ctl = hook.AutoKController(scheduler, 4)
     lines = []
     monkeypatch.setattr(hook.logger, "info", lambda fmt, *args: lines.append(fmt % args))
+    out = SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 1}, total_num_scheduled_tokens=2,
+                          num_spec_tokens_to_schedule=0, scheduled_new_reqs=[],
+                          scheduled_spec_decode_tokens={})
+    result = SimpleNamespace(req_id_to_index={"a": 0, "b": 1}, sampled_token_ids=[[1], [1]])
+    for _ in range(3):
+        ctl.after_step(scheduler, out, result)
+    # the hook times itself against the engine's steps (two timed: the first has no previous)
+    assert ctl.own_seconds > 0 and ctl.engine_seconds > 0
     ctl._last_log = float("-inf")
     ctl._report(2, publish=False)
     assert "alpha at this batch over an output, at the last fit n/a" in lines[-1]
+    own = 100 * ctl.own_seconds / ctl.engine_seconds
+    assert f"the controller's own time {own:.2f} % of the engine's" in lines[-1]
     auto = ctl.auto
     while auto.fitted is None:
         k = auto.next_table()[2]

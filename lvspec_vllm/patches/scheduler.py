@@ -46,8 +46,11 @@ from lvspec_vllm.patches.runner_output import draft_passes
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
 TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
-# the share of the engine's time auto_k's fit may take (AutoK.fit_budget)
-FIT_BUDGET = 0.01
+# the share of the engine's time auto_k's fit may take (AutoK.fit_budget). A fit over every
+# batch size takes 5-10 ms on a 2-core CPU and one step's wall time; at 1 % fits were a third
+# of the hook's cost on a step at k = 0 (``python -m lvspec_vllm.bench.step_phases``'s steady
+# k = 0 steps), and a fit every few hundred steps still sees every exploration's samples
+FIT_BUDGET = 0.0025
 
 
 class AutoKController:
@@ -60,6 +63,7 @@ class AutoKController:
         self.cold = price_admission  # draft_cold_requests: some decode rows never draft
         self.warm = WarmRequests() if price_admission else None
         self.last_end: float | None = None
+        self.own_seconds = self.engine_seconds = 0.0  # after_step's, and the timed steps'
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
         self._priced = False
@@ -106,18 +110,21 @@ class AutoKController:
             accepted.append(max(len(model_runner_output.sampled_token_ids[i]) - 1, 0))
             at.append(positions.get(req_id, 0))
         # a decode row is its input token plus its drafts; everything else is prefill
-        decode = {req_id: len(spec.get(req_id, ()))
-                  for req_id, n in scheduler_output.num_scheduled_tokens.items()
-                  if n == 1 + len(spec.get(req_id, ()))}
-        decode_rows = list(decode.values())
+        scheduled = scheduler_output.num_scheduled_tokens
+        if spec or k:
+            decode = {req_id: len(spec.get(req_id, ())) for req_id, n in scheduled.items()
+                      if n == 1 + len(spec.get(req_id, ()))}
+            decode_rows = list(decode.values())
+        else:  # most steps under load: counted without a Python loop (the hook is per step)
+            decode, decode_rows = {}, [0] * list(scheduled.values()).count(1)
         warm_share = None
         if self.warm is not None:
             # the next step's rows: this step's, less those that finished (vLLM has already
             # dropped them from ``scheduler.requests``)
             live = getattr(scheduler, "requests", None)
-            ids = scheduler_output.num_scheduled_tokens.keys()
-            running = ids if live is None else [r for r in ids if r in live]
-            finished = () if live is None else [r for r in ids if r not in live]
+            ids = scheduled.keys()
+            finished = () if live is None else ids - live.keys()
+            running = [r for r in ids if r not in finished] if finished else ids
             warm_share = self.warm.step(
                 k, self.last_k, [r.req_id for r in scheduler_output.scheduled_new_reqs],
                 decode, running, finished)
@@ -128,7 +135,7 @@ class AutoKController:
         # the share of the decode rows that drafted (cold requests do not); None: no sample
         share = decode_share(k, self.last_k, decode_rows, self.cold)
         seconds = None if share is None else elapsed
-        emitted = sum(len(t) for t in model_runner_output.sampled_token_ids)
+        emitted = sum(map(len, model_runner_output.sampled_token_ids))
         if self._trace is not None:
             planned = self.auto.table[min(batch, self.max_batch)]
             self._trace.write(json.dumps([batch, k, prefill, seconds, self.auto.last_k,
@@ -150,7 +157,11 @@ class AutoKController:
         self.steps_by_k[k] += 1
         self.last_k = k
         self._apply(scheduler, self.auto.next_table())
-        self.last_end = time.perf_counter() if scheduler.get_num_unfinished_requests() else None
+        end = time.perf_counter()
+        self.last_end = end if scheduler.get_num_unfinished_requests() else None
+        # the controller's own time (its fits included) against the engine's: its overhead
+        self.own_seconds += end - now
+        self.engine_seconds += elapsed or 0.0
         self._report(batch, publish=publish)
 
     @staticmethod
@@ -203,8 +214,9 @@ class AutoKController:
                 "rows drafting %s (standard errors %s; measured near it: k %s); output tokens "
                 "per request %s; draft prefill per output token when drafting, ms %s "
                 "(drafter's clock: us per prompt token %s, %d passes); explorations' cost "
-                "%.1f %% of the time (budget %.1f %%); %d fits, the last %.2f ms; k by batch "
-                "size %s; steps by k %s",
+                "%.1f %% of the time (budget %.1f %%); %d fits, the last %.2f ms; the "
+                "controller's own time %.2f %% of the engine's; k by batch size %s; steps by "
+                "k %s",
                 batch, self.last_k, self.auto.share,
                 "n/a" if self.auto.alpha is None else
                 [round(float(a), 2) for a in self.auto.alpha[min(batch, self.max_batch)]],
@@ -214,6 +226,7 @@ class AutoKController:
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),
                 100 * self.auto.explore_share(), self.auto.fits, self.auto.fit_seconds * 1e3,
+                100 * self.own_seconds / max(self.engine_seconds, 1e-9),
                 self.auto.table[1:65], dict(self.steps_by_k))
 
 
