@@ -409,4 +409,5 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
     # timed step is a steady k = 0 step
     for run in (none, k0, spec_path):
         assert run["k0_steps"] == run["steps"] and run["k0_seconds"] == run["seconds"]
+        assert "AutoKController.after_step" not in run["seconds"]  # no auto_k here
     assert "| phase, us per steady k = 0 step |" in proc.stdout

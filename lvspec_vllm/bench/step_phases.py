@@ -14,6 +14,9 @@ Then the same over the steady k = 0 steps only (a step at k = 0 after one at k =
 ``auto-cold``, the steps its table spends without speculation), where what a speculative
 engine costs beyond ``none`` is its overhead alone, not its drafting.
 
+The last two phases are ``auto_k``'s own (``auto-cold`` only): the scheduler hook's work after
+vLLM's update, and the controller's choice in it.
+
 Modes: ``none`` (no speculative config), ``k0`` (LVSpec, vLLM's schedule at k = 0 for every
 batch size, cold requests: a speculative engine that drafts nothing), ``k0-warm`` (the same
 without cold requests), ``k0-spec-path`` (``k0`` with ``plain_k0_steps`` off: every step on
@@ -51,6 +54,10 @@ PHASES = [
         "_build_attention_metadata", "_preprocess", "_model_forward", "sample_tokens", "_sample",
         "propose_draft_token_ids", "_copy_draft_token_ids_to_cpu", "_bookkeeping_sync")),
     "vllm.v1.worker.block_table:BlockTable.compute_slot_mapping",
+    # auto_k's own, inside Scheduler.update_from_output: the hook's work after vLLM's update,
+    # and in it the controller's choice (the fit included)
+    "lvspec_vllm.patches.scheduler:AutoKController.after_step",
+    "lvspec_vllm.auto_k:AutoK.next_table",
 ]
 
 
