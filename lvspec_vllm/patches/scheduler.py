@@ -123,7 +123,9 @@ class AutoKController:
             # dropped them from ``scheduler.requests``)
             live = getattr(scheduler, "requests", None)
             ids = scheduled.keys()
-            finished = () if live is None else ids - live.keys()
+            # (a set of this step's ids, less the live ones: over the step's ids, not the
+            # scheduler's every request)
+            finished = () if live is None else set(ids).difference(live)
             running = [r for r in ids if r not in finished] if finished else ids
             warm_share = self.warm.step(
                 k, self.last_k, [r.req_id for r in scheduler_output.scheduled_new_reqs],
