@@ -902,7 +902,8 @@ class AutoK:
             t = self._planned_seconds.get(key)
             if t is None:  # the same few keys until the next fit
                 t = self._planned_seconds[key] = float(self.fitted.step_time(batch, planned, q))
-            if emitted is not None:  # the table's seconds for these tokens, as it was chosen
+            if emitted is not None and self.alpha is not None:
+                # the table's seconds for these tokens, with the alpha it was chosen with
                 alpha = self.alpha[min(batch, self.max_batch)]
                 e = 1.0 + q * (expected_tokens(alpha, planned) - 1.0)
                 t *= emitted / max(batch * e, 1e-9)

@@ -47,9 +47,10 @@ logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
 TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
 # the share of the engine's time auto_k's fit may take (AutoK.fit_budget). A fit over every
-# batch size takes 5-10 ms on a 2-core CPU and one step's wall time; at 1 % fits were a third
-# of the hook's cost on a step at k = 0 (``python -m lvspec_vllm.bench.step_phases``'s steady
-# k = 0 steps), and a fit every few hundred steps still sees every exploration's samples
+# batch size takes 5-10 ms on a 2-core CPU, inside the step loop; at 1 % the fits and choices
+# were about 40 % of the hook's time (``python -m lvspec_vllm.bench.auto_k_cost --hook``'s
+# engine, where drafting cannot pay), and a fit every few hundred steps still sees every
+# exploration's samples
 FIT_BUDGET = 0.0025
 
 
