@@ -195,8 +195,8 @@ def test_paired_ratios_over_rounds_and_sweeps_with_their_interval(tmp_path, caps
 
     one = sweep([[100, 200], [400, 400]], [[90, 200], [360, 440]])
     two = sweep([[100], [400]], [[110], [400]])
-    ratios = paired.paired_ratios([one, two], "a", "none")
-    assert ratios == [pytest.approx([0.9, 1.0, 1.1]), pytest.approx([0.9, 1.1, 1.0])]
+    levels, ratios = paired.paired_ratios([one, two], "a", "none")
+    assert levels == [1, 4] and ratios == [pytest.approx([0.9, 1.0, 1.1]), pytest.approx([0.9, 1.1, 1.0])]
     mean, lo, hi = paired.ratio_interval([0.9, 1.0, 1.1])
     logs = [math.log(r) for r in (0.9, 1.0, 1.1)]
     sd = math.sqrt(sum((x - sum(logs) / 3) ** 2 for x in logs) / 2)

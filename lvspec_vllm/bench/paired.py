@@ -45,9 +45,12 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def paired_ratios(sweeps: list[dict], mode: str, against: str) -> list[list[float]]:
-    """Per level, every round's tokens/s of ``mode`` over ``against``'s, over the sweeps."""
+def paired_ratios(sweeps: list[dict], mode: str, against: str
+                  ) -> tuple[list[int], list[list[float]]]:
+    """The levels' concurrencies, and per level every round's tokens/s of ``mode`` over
+    ``against``'s, over the sweeps."""
     per_level: list[list[float]] | None = None
+    first: list[int] = []
     for sweep in sweeps:
         runs = {r["mode"]: r for r in sweep["runs"]}
         for m in (mode, against):
@@ -63,7 +66,7 @@ def paired_ratios(sweeps: list[dict], mode: str, against: str) -> list[list[floa
             a_runs = a.get("tokens_per_s_runs") or [a["tokens_per_s"]]
             b_runs = b.get("tokens_per_s_runs") or [b["tokens_per_s"]]
             per_level[i] += [x / y for x, y in zip(a_runs, b_runs)]
-    return per_level or []
+    return first, per_level or []
 
 
 def _fmt(interval: tuple[float, float, float]) -> str:
@@ -72,8 +75,7 @@ def _fmt(interval: tuple[float, float, float]) -> str:
 
 
 def report(sweeps: list[dict], mode: str, against: str) -> str:
-    ratios = paired_ratios(sweeps, mode, against)
-    levels = [lv["concurrency"] for lv in {r["mode"]: r for r in sweeps[0]["runs"]}[mode]["levels"]]
+    levels, ratios = paired_ratios(sweeps, mode, against)
     head = "| | " + " | ".join(f"c={c}" for c in levels) + " | all |"
     cells = [_fmt(ratio_interval(r)) for r in ratios]
     pooled = [x for r in ratios for x in r]

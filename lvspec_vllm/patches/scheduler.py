@@ -46,11 +46,11 @@ from lvspec_vllm.patches.runner_output import draft_passes
 logger = get_logger(__name__)
 _LOG_INTERVAL_S = 10.0
 TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
-# the share of the engine's time auto_k's fit may take (AutoK.fit_budget). A fit over every
-# batch size takes 5-10 ms on a 2-core CPU, inside the step loop; at 1 % the fits and choices
-# were about 40 % of the hook's time (``python -m lvspec_vllm.bench.auto_k_cost --hook``'s
-# engine, where drafting cannot pay), and a fit every few hundred steps still sees every
-# exploration's samples
+# the share of the engine's time auto_k's fit may take (AutoK.fit_budget). A fit runs inside the
+# step loop, 4-16 ms on a 2-core CPU (the log line's "the last ... ms" in serving sweeps); from
+# 1 % to this budget (with tables chosen per share when first used) the hook's time on a
+# step at k = 0 about halved (``python -m lvspec_vllm.bench.auto_k_cost --hook``), and a fit
+# every few hundred steps still sees every exploration's samples
 FIT_BUDGET = 0.0025
 
 
