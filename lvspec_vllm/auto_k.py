@@ -608,8 +608,10 @@ class DraftPassCost:
 
     @property
     def ready(self) -> bool:
-        """A call with prompt tokens was timed at a k measured without them too."""
-        return bool(self._priced())
+        """A call with prompt tokens was timed at a k measured without them too (asked every
+        step: stops at the first such call)."""
+        weight, least = self._k_weight, self.min_weight
+        return any(weight[c[0]] >= least for c in self._prompted)
 
     def price(self) -> float | None:
         """Seconds per prompt token, or None until ``ready``."""

@@ -1402,3 +1402,42 @@ def test_an_exploration_after_an_idle_engine_is_charged_its_draft_passes():
     assert auto.elapsed == 0.0  # no wall time to add
     auto.observe(1, 0, 300, None, [], [], 1, draft_seconds=0.012)  # the table's k drafts no more
     assert auto.overspent == pytest.approx(0.012)
+
+
+def test_vllms_lookup_follows_every_table_and_is_written_only_when_it_changes():
+    # The hook runs every step; AutoK hands back the same list until the table changes, and
+    # the lookup (max_num_seqs + 1 entries) is rewritten only then.
+    from types import SimpleNamespace
+
+    from lvspec_vllm.patches.scheduler import AutoKController
+
+    class Lookup(list):
+        writes = 0
+
+        def __setitem__(self, key, value):
+            Lookup.writes += 1
+            super().__setitem__(key, value)
+
+    scheduler = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                dynamic_sd_lookup=Lookup([0] * 5),
+                                get_num_unfinished_requests=lambda: 2)
+    ctl = AutoKController(scheduler, 4)
+    chosen, next_table = [], ctl.auto.next_table
+    ctl.auto.next_table = lambda: chosen.append(next_table()) or chosen[-1]
+    seen = []
+    for _ in range(2 * ctl.auto.calibration_steps):
+        k = scheduler.dynamic_sd_lookup[2]
+        out = SimpleNamespace(num_scheduled_tokens={"a": 1 + k, "b": 1 + k},
+                              total_num_scheduled_tokens=2 + 2 * k,
+                              num_spec_tokens_to_schedule=k, scheduled_new_reqs=[],
+                              scheduled_spec_decode_tokens={"a": [5] * k, "b": [6] * k}
+                              if k else {})
+        result = SimpleNamespace(req_id_to_index={"a": 0, "b": 1},
+                                 sampled_token_ids=[[1] * (1 + k), [1] * (1 + k)])
+        before = Lookup.writes
+        ctl.after_step(scheduler, out, result)
+        assert scheduler.dynamic_sd_lookup[1:] == chosen[-1][1:5]
+        seen.append(Lookup.writes - before)
+    # calibration hands out a new table every step; after it most steps reuse the last one
+    assert all(seen[:ctl.auto.calibration_steps - 1])
+    assert sum(seen[ctl.auto.calibration_steps:]) < ctl.auto.calibration_steps / 2

@@ -389,7 +389,7 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
     world = "lvspec_vllm/world/checkpoints"
     proc = subprocess.run(
         [sys.executable, "-m", "lvspec_vllm.bench.step_phases", "--target", f"{world}/target",
-         "--draft", f"{world}/draft", "--modes", "none,k0,k0-spec-path", "--rounds", "1", "--repeat", "1",
+         "--draft", f"{world}/draft", "--modes", "none,k0,k0-spec-path,auto-cold", "--rounds", "1", "--repeat", "1",
          "--max-tokens", "6", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())
@@ -411,3 +411,15 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
         assert run["k0_steps"] == run["steps"] and run["k0_seconds"] == run["seconds"]
         assert "AutoKController.after_step" not in run["seconds"]  # no auto_k here
     assert "| phase, us per steady k = 0 step |" in proc.stdout
+    # LVSpec's own phases: the drafter's planning where rows can be cold, auto_k's hook and its
+    # parts (a static method among them) where it runs
+    assert "LVSpecDrafter.begin_plain_step" not in none["seconds"]
+    # a schedule at k = 0 everywhere never drafts: its steps go plain without planning rows
+    assert k0["seconds"]["LVSpecDrafter.begin_plain_step"] > 0
+    assert "ColdRequests.step" not in k0["seconds"]
+    auto = runs["auto-cold"][0]
+    assert auto["output_tokens"] == 16 * 6
+    for phase in ("AutoKController.positions", "AutoKController.after_step", "AutoK.observe",
+                  "AutoK.next_table", "WarmRequests.step", "ColdRequests.step"):
+        assert auto["seconds"][phase] > 0, phase
+    assert auto["seconds"]["AutoK.observe"] < auto["seconds"]["AutoKController.after_step"]

@@ -54,10 +54,19 @@ PHASES = [
         "_build_attention_metadata", "_preprocess", "_model_forward", "sample_tokens", "_sample",
         "propose_draft_token_ids", "_copy_draft_token_ids_to_cpu", "_bookkeeping_sync")),
     "vllm.v1.worker.block_table:BlockTable.compute_slot_mapping",
-    # auto_k's own, inside Scheduler.update_from_output: the hook's work after vLLM's update,
-    # and in it the controller's choice (the fit included)
+    # LVSpec's drafter, inside GPUModelRunner._update_states: whether a step takes vLLM's plain
+    # path (its rows, cold requests and deferred passes planned)
+    "lvspec_vllm.drafter.proposer:LVSpecDrafter.begin_plain_step",
+    "lvspec_vllm.drafter.cold:ColdRequests.step",
+    # auto_k's own, inside Scheduler.update_from_output: the read before vLLM's update, the
+    # hook's work after it, and in that the parts: the warm requests, the controller's
+    # bookkeeping, its choice (the fit included) and the log line and /metrics
+    "lvspec_vllm.patches.scheduler:AutoKController.positions",
     "lvspec_vllm.patches.scheduler:AutoKController.after_step",
+    "lvspec_vllm.auto_k:WarmRequests.step",
+    "lvspec_vllm.auto_k:AutoK.observe",
     "lvspec_vllm.auto_k:AutoK.next_table",
+    "lvspec_vllm.patches.scheduler:AutoKController._report",
 ]
 
 
@@ -80,6 +89,7 @@ def _clock_phases(totals: dict[str, list], steady: dict[str, list]) -> None:
         for part in owner_name.split("."):
             owner = getattr(owner, part)
         original = getattr(owner, attr)
+        static = isinstance(vars(owner).get(attr), staticmethod)
         name = path
 
         def clocked(*args, __f=original, __name=name, **kwargs):
@@ -103,7 +113,7 @@ def _clock_phases(totals: dict[str, list], steady: dict[str, list]) -> None:
                             t[0] += seconds
                             t[1] += calls
                     state["previous"], state["k"], state["step"] = k_now, None, {}
-        setattr(owner, attr, clocked)
+        setattr(owner, attr, staticmethod(clocked) if static else clocked)
 
 
 def run_one(args) -> dict:
@@ -198,24 +208,25 @@ def table(runs: dict[str, list[dict]]) -> str:
     """Per phase, the median over rounds of its microseconds per engine step; then the same
     over the steps at k = 0 that followed a step at k = 0 (every step of ``none`` and ``k0``)."""
     modes = list(runs)
-    lines = []
-    for title, seconds, steps in (("us per step", "seconds", "steps"),
-                                  ("us per steady k = 0 step", "k0_seconds", "k0_steps")):
-        lines += ([""] if lines else []) + [f"| phase, {title} | " + " | ".join(modes) + " |",
-                                            "|---|" + "---|" * len(modes)]
+
+    def row(label, cells) -> str:
+        return f"| {label} | " + " | ".join(f"{c:.0f}" for c in cells) + " |"
+
+    def section(title, seconds, steps) -> list[str]:
+        lines = [f"| phase, {title} | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
         for name in (p.partition(":")[2] for p in PHASES):
             cells = [statistics.median(r.get(seconds, {}).get(name, 0.0) * 1e6
                                        / max(r.get(steps, 0), 1) for r in runs[m])
                      for m in modes]
             if any(cells):
-                lines.append(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-        cells = [statistics.median(r.get(steps, 0) for r in runs[m]) for m in modes]
-        lines.append("| steps | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-    cells = [statistics.median(r["output_tokens"] / r["elapsed_s"] for r in runs[m])
-             for m in modes]
-    lines.insert(lines.index(""), "| output tokens/s | "
-                 + " | ".join(f"{c:.0f}" for c in cells) + " |")
-    return "\n".join(lines)
+                lines.append(row(name, cells))
+        return lines + [row("steps", [statistics.median(r.get(steps, 0) for r in runs[m])
+                                      for m in modes])]
+
+    every = section("us per step", "seconds", "steps") + [row(
+        "output tokens/s", [statistics.median(r["output_tokens"] / r["elapsed_s"]
+                                              for r in runs[m]) for m in modes])]
+    return "\n".join(every + [""] + section("us per steady k = 0 step", "k0_seconds", "k0_steps"))
 
 
 if __name__ == "__main__":

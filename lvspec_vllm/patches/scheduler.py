@@ -68,6 +68,7 @@ class AutoKController:
         self.steps_by_k: Counter = Counter()
         self.last_k = k_max
         self._priced = False
+        self._applied: list[int] | None = None  # the table last written to vLLM's lookup
         self._last_log = self._last_publish = time.monotonic()
         directory = os.environ.get(metrics.ENV)
         self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
@@ -167,11 +168,15 @@ class AutoKController:
         self.engine_seconds += elapsed or 0.0
         self._report(batch, publish=publish)
 
-    @staticmethod
-    def _apply(scheduler, table: list[int]) -> None:
+    def _apply(self, scheduler, table: list[int]) -> None:
+        # AutoK hands back the same list until a fit, a share or an exploration changes it:
+        # the lookup (max_num_seqs + 1 entries) is rewritten only then
+        if table is self._applied:
+            return
         lookup = scheduler.dynamic_sd_lookup
         n = min(len(lookup), len(table))
         lookup[1:n] = table[1:n]
+        self._applied = table
 
     def _report(self, batch: int, publish: bool) -> None:
         now = time.monotonic()
