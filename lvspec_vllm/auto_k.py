@@ -785,6 +785,14 @@ class AutoK:
     # ``explore_least`` share of it at ``explore_near[0]`` and below, linear in between
     explore_near = (0.5, 0.9)
     explore_least = 0.125
+    # ... taking for "near" how near the explorations that drafted where the table's k is 0
+    # came, where lower: seconds per output token of the table's steps at k = 0 over theirs
+    # (the step after each included), both measured, per doubling of the batch size, decayed
+    # by ``realised_decay`` per step of each kind. The fit prices whole steps, but from k = 0
+    # with cold requests an exploration runs partly cold steps and warms the rows it admits:
+    # on a 2-core CPU at four requests the fit read drafting within 10 % of paying while those
+    # steps cost 1.3-2.2 times a k = 0 step per token (docs/benchmarks.md, s33)
+    realised_decay = (0.98, 0.8)  # the table's steps, the explorations'
     budget_decay = 0.999
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
@@ -847,6 +855,9 @@ class AutoK:
         self._turns = 0             # turns that explored, this one included
         self._decided = -1          # the step the current turn was decided at
         self._explored_last = False
+        # per doubling of the batch size (its bit length), where the table's k is 0: decayed
+        # [seconds, output tokens, steps] of the table's steps and of the explorations'
+        self._realised: dict[int, tuple[list[float], list[float]]] = {}
         self.fit_seconds = 0.0      # the last fit's duration (clock)
         self._since_fit = 0.0       # the engine's seconds since then (observed steps)
         self.fits = 0
@@ -898,6 +909,8 @@ class AutoK:
         self.overspent *= self.budget_decay
         planned = self.table[min(batch, self.max_batch)]
         explored = k != planned
+        if planned == 0 and emitted:
+            self._realise(batch, explored or self._explored_last, seconds, emitted)
         if (explored or self._explored_last) and self.fitted is not None:
             q = self._shared()
             key = (batch, planned, q)
@@ -911,6 +924,27 @@ class AutoK:
                 t *= emitted / max(batch * e, 1e-9)
             self.overspent += seconds - t
         self._explored_last = explored
+
+    def _realise(self, batch: int, explored: bool, seconds: float, emitted: int) -> None:
+        pair = self._realised.get(batch.bit_length())
+        if pair is None:
+            pair = self._realised[batch.bit_length()] = ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+        d, sums = self.realised_decay[explored], pair[explored]
+        sums[0] = sums[0] * d + seconds
+        sums[1] = sums[1] * d + emitted
+        sums[2] = sums[2] * d + 1.0
+
+    def realised_near(self, batch: int) -> float | None:
+        """Where the table's k is 0 at about ``batch`` (its doubling): the explorations'
+        output tokens per second over the table's steps', both measured (None: not yet an
+        exploration's two steps, decayed, and as many of the table's)."""
+        pair = self._realised.get(batch.bit_length())
+        if pair is None:
+            return None
+        (t_s, t_n, t_w), (e_s, e_n, e_w) = pair
+        if min(t_w, e_w) < 1.75 or not (t_s and e_s and t_n):  # two steps each, decayed
+            return None
+        return (e_n / e_s) / (t_n / t_s)
 
     def observe_draft(self, passes) -> None:
         """The drafter's timed passes since the last step: (k, rows, prompt tokens, other
@@ -1008,7 +1042,11 @@ class AutoK:
         if self._near is None:
             return self.explore_budget
         lo, hi = self.explore_near
-        near = float(self._near[self._load_size()])
+        load = self._load_size()
+        near = float(self._near[load])
+        realised = self.realised_near(load)
+        if realised is not None:
+            near = min(near, realised)
         return self.explore_budget * min(max((near - lo) / (hi - lo), self.explore_least), 1.0)
 
     def _load_size(self) -> int:
