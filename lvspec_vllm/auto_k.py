@@ -86,7 +86,11 @@ grow rare, and their cost stays near that share instead of half the time. The sh
 shrinks where drafting is far from paying at the load's batch size (the best k > 0's goodput
 under 0.9 of k = 0's, down to an eighth of the share at 0.5; ``AutoK.explore_share``):
 explorations are how a change that makes drafting pay is found, and the farther it is, the less
-likely such a change and the less finding it late costs.
+likely such a change and the less finding it late costs. How near is the fit's reading, or,
+where the table's k is 0 and lower, what the explorations that drafted there realised against
+the table's own steps (``AutoK.realised_near``): the fit prices whole steps, while from k = 0
+with cold requests an exploration runs partly cold steps and pays the draft's prefill of the
+rows it warms.
 
 Everything here is plain Python/numpy, independent of vLLM; ``lvspec_vllm.patches.scheduler``
 feeds it and applies the choice through vLLM's own per-batch-size k table.
@@ -787,7 +791,8 @@ class AutoK:
     explore_least = 0.125
     # ... taking for "near" how near the explorations that drafted where the table's k is 0
     # came, where lower: seconds per output token of the table's steps at k = 0 over theirs
-    # (the step after each included), both measured, per doubling of the batch size, decayed
+    # (the step after each included), both measured, per doubling of the load's batch size
+    # (the decayed mean of the steps' batch sizes, which the budget is read at), decayed
     # by ``realised_decay`` per step of each kind. The fit prices whole steps, but from k = 0
     # with cold requests an exploration runs partly cold steps and warms the rows it admits:
     # on a 2-core CPU at four requests the fit read drafting within 10 % of paying while those
@@ -855,8 +860,9 @@ class AutoK:
         self._turns = 0             # turns that explored, this one included
         self._decided = -1          # the step the current turn was decided at
         self._explored_last = False
-        # per doubling of the batch size (its bit length), where the table's k is 0: decayed
-        # [seconds, output tokens, steps] of the table's steps and of the explorations'
+        # per doubling of the load's batch size (its bit length), over the steps where the
+        # table's k is 0: decayed [seconds, output tokens, steps] of the table's steps and of
+        # the explorations'
         self._realised: dict[int, tuple[list[float], list[float]]] = {}
         self.fit_seconds = 0.0      # the last fit's duration (clock)
         self._since_fit = 0.0       # the engine's seconds since then (observed steps)
@@ -910,7 +916,9 @@ class AutoK:
         planned = self.table[min(batch, self.max_batch)]
         explored = k != planned
         if planned == 0 and emitted:
-            self._realise(batch, explored or self._explored_last, seconds, emitted)
+            # (keyed by the load's batch size, which the budget is read at: a load of four
+            # requests runs steps at 2-6)
+            self._realise(self.load_size(), explored or self._explored_last, seconds, emitted)
         if (explored or self._explored_last) and self.fitted is not None:
             q = self._shared()
             key = (batch, planned, q)
@@ -925,20 +933,21 @@ class AutoK:
             self.overspent += seconds - t
         self._explored_last = explored
 
-    def _realise(self, batch: int, explored: bool, seconds: float, emitted: int) -> None:
-        pair = self._realised.get(batch.bit_length())
+    def _realise(self, load: int, explored: bool, seconds: float, emitted: int) -> None:
+        pair = self._realised.get(load.bit_length())
         if pair is None:
-            pair = self._realised[batch.bit_length()] = ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+            pair = self._realised[load.bit_length()] = ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
         d, sums = self.realised_decay[explored], pair[explored]
         sums[0] = sums[0] * d + seconds
         sums[1] = sums[1] * d + emitted
         sums[2] = sums[2] * d + 1.0
 
-    def realised_near(self, batch: int) -> float | None:
-        """Where the table's k is 0 at about ``batch`` (its doubling): the explorations'
-        output tokens per second over the table's steps', both measured (None: not yet an
-        exploration's two steps, decayed, and as many of the table's)."""
-        pair = self._realised.get(batch.bit_length())
+    def realised_near(self, load: int) -> float | None:
+        """At a load of about ``load`` requests (its doubling), over the steps where the
+        table's k is 0: the explorations' output tokens per second over the table's steps',
+        both measured (None: not yet an exploration's two steps, decayed, and as many of the
+        table's)."""
+        pair = self._realised.get(load.bit_length())
         if pair is None:
             return None
         (t_s, t_n, t_w), (e_s, e_n, e_w) = pair
@@ -985,7 +994,7 @@ class AutoK:
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
                 # pays once every row drafts, if whole steps draft at the load's batch size
                 # too (see the module docstring); below, the k that pays at the running share
-                load = self._load_size()
+                load = self.load_size()
                 key = (q, self.running, load)
                 if key not in self._composed:
                     top, whole = self.running + 1, self._table_at(self.SHARES)
@@ -1042,14 +1051,14 @@ class AutoK:
         if self._near is None:
             return self.explore_budget
         lo, hi = self.explore_near
-        load = self._load_size()
+        load = self.load_size()
         near = float(self._near[load])
         realised = self.realised_near(load)
         if realised is not None:
             near = min(near, realised)
         return self.explore_budget * min(max((near - lo) / (hi - lo), self.explore_least), 1.0)
 
-    def _load_size(self) -> int:
+    def load_size(self) -> int:
         """The load's batch size: the decayed mean of the steps' batch sizes."""
         return int(min(max(round(self._load[0] / max(self._load[1], 1e-9)), 1),
                        self.max_batch))

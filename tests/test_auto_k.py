@@ -572,10 +572,15 @@ def test_the_explorations_budget_shrinks_where_they_realise_less_than_the_fit_sa
         auto.observe(4, k, 0, 0.010 if k == 0 else 0.020, [1] * 4 if k else [],
                      [0] * 4 if k else [], 4)
     auto.observe(4, 0, 0, 0.020, [1] * 4, [0] * 4, 4)  # the step after pays for the switch
+    assert auto.load_size() == 4
     assert auto.realised_near(4) == pytest.approx(0.5)
     assert auto.realised_near(5) == pytest.approx(0.5)  # the same doubling, 4-7
     assert auto.realised_near(2) is None
     assert auto.explore_share() == auto.explore_budget * auto.explore_least  # 0.5: the least
+    # a step at three requests under this load counts towards the load's batch size
+    auto.observe(3, 1, 0, 0.0075, [1] * 3, [0] * 3, 3)
+    assert auto.load_size() == 4 and auto.realised_near(3) is None
+    assert auto.realised_near(4) > 0.5
     # explorations that come near the table's goodput restore the share
     for _ in range(20):
         auto.observe(4, 1, 0, 0.0105, [1] * 4, [0] * 4, 4)
@@ -814,7 +819,7 @@ def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypa
     ctl._last_log = float("-inf")
     ctl._report(2, publish=False)
     assert "alpha at this batch over an output, at the last fit n/a" in lines[-1]
-    assert "those that drafted ran at n/a of its tokens/s" in lines[-1]
+    assert "while k was 0 ran at n/a of its tokens/s" in lines[-1]
     own = 100 * ctl.own_seconds / ctl.engine_seconds
     assert f"the controller's own time {own:.2f} % of the engine's" in lines[-1]
     auto = ctl.auto
@@ -831,10 +836,11 @@ def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypa
     shown = [round(float(a), 2) for a in auto.alpha[2]]
     assert f"alpha at this batch over an output, at the last fit {shown}" in lines[-1]
     # where the table's k is 0, what the explorations that drafted realised against it
-    auto.realised_near = lambda batch: 0.625 if batch == 2 else None
+    auto.realised_near = lambda load: 0.625 if load == auto.load_size() else None
     ctl._last_log = float("-inf")
     ctl._report(2, publish=False)
-    assert "where k is 0, those that drafted ran at 0.62x of its tokens/s" in lines[-1]
+    assert (f"at the load's batch size {auto.load_size()}, where the explorations that drafted "
+            "while k was 0 ran at 0.62x of its tokens/s") in lines[-1]
 
 
 def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
