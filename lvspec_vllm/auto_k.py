@@ -1053,7 +1053,10 @@ class AutoK:
         lo, hi = self.explore_near
         load = self.load_size()
         near = float(self._near[load])
-        realised = self.realised_near(load)
+        # only while the table's k there is 0: where it drafts, the explorations also re-measure
+        # k = 0, which must stay as frequent as the fit says (a stale reading from k = 0 would
+        # keep a table that drafts where it does not pay)
+        realised = self.realised_near(load) if self.table[load] == 0 else None
         if realised is not None:
             near = min(near, realised)
         return self.explore_budget * min(max((near - lo) / (hi - lo), self.explore_least), 1.0)

@@ -581,6 +581,11 @@ def test_the_explorations_budget_shrinks_where_they_realise_less_than_the_fit_sa
     auto.observe(3, 1, 0, 0.0075, [1] * 3, [0] * 3, 3)
     assert auto.load_size() == 4 and auto.realised_near(3) is None
     assert auto.realised_near(4) > 0.5
+    # where the table drafts at the load's batch size the reading waits: there the
+    # explorations also re-measure k = 0, as often as the fit says
+    auto.table = [0, 0, 0, 0, 2]
+    assert auto.explore_share() == auto.explore_budget
+    auto.table = [0] * 5
     # explorations that come near the table's goodput restore the share
     for _ in range(20):
         auto.observe(4, 1, 0, 0.0105, [1] * 4, [0] * 4, 4)
