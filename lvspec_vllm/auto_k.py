@@ -789,14 +789,15 @@ class AutoK:
     # ``explore_least`` share of it at ``explore_near[0]`` and below, linear in between
     explore_near = (0.5, 0.9)
     explore_least = 0.125
-    # ... taking for "near" how near the explorations that drafted where the table's k is 0
-    # came, where lower: seconds per output token of the table's steps at k = 0 over theirs
-    # (the step after each included), both measured, per doubling of the load's batch size
-    # (the decayed mean of the steps' batch sizes, which the budget is read at), decayed
-    # by ``realised_decay`` per step of each kind. The fit prices whole steps, but from k = 0
-    # with cold requests an exploration runs partly cold steps and warms the rows it admits:
-    # on a 2-core CPU at four requests the fit read drafting within 10 % of paying while those
-    # steps cost 1.3-2.2 times a k = 0 step per token (docs/benchmarks.md, s33)
+    # ... taking for "near", while the table's k at the load's batch size is 0, how near the
+    # explorations that drafted came, where lower: seconds per output token of the table's
+    # steps at k = 0 over theirs (the step after each included), both measured, per doubling
+    # of the load's batch size (the decayed mean of the steps' batch sizes, which the budget
+    # is read at), decayed by ``realised_decay`` per step of each kind. The fit prices whole
+    # steps, but from k = 0 with cold requests an exploration runs partly cold steps and warms
+    # the rows it admits: on a 2-core CPU at four requests the fit read drafting near paying
+    # while explorations and the switches around them took 41 % of the time at batch sizes 2-6
+    # (docs/benchmarks.md, s33)
     realised_decay = (0.98, 0.8)  # the table's steps, the explorations'
     budget_decay = 0.999
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
