@@ -389,8 +389,9 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
     world = "lvspec_vllm/world/checkpoints"
     proc = subprocess.run(
         [sys.executable, "-m", "lvspec_vllm.bench.step_phases", "--target", f"{world}/target",
-         "--draft", f"{world}/draft", "--modes", "none,k0,k0-spec-path,auto-cold", "--rounds", "1", "--repeat", "1",
-         "--max-tokens", "6", "--out", str(out)], capture_output=True, text=True, timeout=900)
+         "--draft", f"{world}/draft", "--modes", "none,k0,k0-spec-path,auto-cold",
+         "--rounds", "1", "--repeat", "1", "--max-tokens", "6", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads(out.read_text())
     none, k0, spec_path = runs["none"][0], runs["k0"][0], runs["k0-spec-path"][0]

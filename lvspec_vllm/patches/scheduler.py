@@ -223,9 +223,9 @@ class AutoKController:
                 "per request %s; draft prefill per output token when drafting, ms %s "
                 "(drafter's clock: us per prompt token %s, %d passes); explorations' cost "
                 "%.1f %% of the time (budget %.1f %% at the load's batch size %d, where the "
-                "explorations that drafted while k was 0 ran at %s of its tokens/s); %d fits, the last %.2f ms; the "
-                "controller's own time %.2f %% of the engine's; k by batch size %s; steps by "
-                "k %s",
+                "explorations that drafted while k was 0 ran at %s of its tokens/s); %d fits, "
+                "the last %.2f ms; the controller's own time %.2f %% of the engine's; k by "
+                "batch size %s; steps by k %s",
                 batch, self.last_k, self.auto.share,
                 "n/a" if self.auto.alpha is None else
                 [round(float(a), 2) for a in self.auto.alpha[min(batch, self.max_batch)]],
