@@ -80,7 +80,10 @@ at k > 0 is warm, one at k = 0 cold), so there the explorations run on every tur
 Explorations are paid from a budget (``AutoK.explore_budget``): an exploration starts only
 while what the explorations cost, in seconds beyond what the table's k would have taken for
 the tokens they emitted (by the fit and the measured acceptance), is at most a share of the
-engine's time (both decayed). Where a k off the table costs little, or pays, they run on
+engine's time, both counted at the load's batch size (per doubling, decayed): a load's
+explorations are paid from its own time, not from what cheaper ones at another load left
+unspent (on a 2-core CPU one request's explorations, all cold, cost nothing, and four
+requests' then ran at 3-7 % of their time against a budget of 1.5 %). Where a k off the table costs little, or pays, they run on
 every turn; where it is dear (a drafting step at twice a plain one's cost, this CPU) they
 grow rare, and their cost stays near that share instead of half the time. The share itself
 shrinks where drafting is far from paying at the load's batch size (the best k > 0's goodput
@@ -782,7 +785,8 @@ class AutoK:
     # of 5 ms is 3 % of a small model's engine on a 2-core CPU; the controller sets 0.25 %)
     fit_budget: float | None = None
     clock = staticmethod(time.perf_counter)
-    # explorations may cost this share of the engine's time (decayed by budget_decay per step)
+    # explorations may cost this share of the engine's time at the load's batch size (per
+    # doubling, decayed by budget_decay per step there)
     explore_budget = 0.03
     # ... scaled by how near drafting is to paying at the load's batch size (``_near``): the
     # whole budget where the best k > 0 is within ``explore_near[1]`` of k = 0's goodput, an
@@ -793,12 +797,13 @@ class AutoK:
     # explorations that drafted came, where lower: seconds per output token of the table's
     # steps at k = 0 over theirs (the step after each included), both measured, per doubling
     # of the load's batch size (the decayed mean of the steps' batch sizes, which the budget
-    # is read at), decayed by ``realised_decay`` per step of each kind. The fit prices whole
-    # steps, but from k = 0 with cold requests an exploration runs partly cold steps and warms
-    # the rows it admits: on a 2-core CPU at four requests the fit read drafting near paying
-    # while explorations and the switches around them took 41 % of the time at batch sizes 2-6
+    # is read at), decayed per step of each kind by these. The fit prices whole steps, but
+    # from k = 0 with cold requests an exploration runs partly cold steps and warms the rows
+    # it admits: on a 2-core CPU at four requests the fit read drafting near paying while
+    # explorations and the switches around them took 41 % of the time at batch sizes 2-6
     # (docs/benchmarks.md, s33)
-    realised_decay = (0.98, 0.8)  # the table's steps, the explorations'
+    realised_decay_table = 0.98
+    realised_decay_explored = 0.8
     budget_decay = 0.999
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
@@ -827,6 +832,7 @@ class AutoK:
         # tokens, requests admitted) and (the steps' batch sizes, steps)
         self._tokens = [0.0, 0.0, 0.0]
         self._load = [0.0, 0.0]
+        self._load_size = 1  # load_size(), kept by observe: the hook asks for it every step
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -854,9 +860,12 @@ class AutoK:
         self.steps = 0
         self.last_k: int | None = None
         # decayed seconds: of every timed step after calibration, and what the explorations'
-        # steps (and the switch back after each) took beyond the table's k for their tokens
+        # steps (and the switch back after each) took beyond the table's k for their tokens;
+        # over every load (reported), and per doubling of the load's batch size [elapsed,
+        # overspent, the step they were decayed to] (the budget's; see _budget)
         self.elapsed = 0.0
         self.overspent = 0.0
+        self._budgets: dict[int, list] = {}
         self._exploring = True      # this turn of explore_every steps explores
         self._turns = 0             # turns that explored, this one included
         self._decided = -1          # the step the current turn was decided at
@@ -886,7 +895,7 @@ class AutoK:
         if seconds is not None and k == self.last_k:
             self.costs.add(batch, k, seconds, prefill, share)
         wall = seconds if elapsed is None else elapsed
-        self._spend(batch, k, wall, emitted, draft_seconds)
+        self._spend(batch, k, wall, emitted, draft_seconds, self._load_size)
         if warm_share is not None:
             self.share, self.running = warm_share, running
         self._since_fit += wall or 0.0
@@ -894,33 +903,43 @@ class AutoK:
         self._tokens = [self._tokens[0] * d + prefill, self._tokens[1] * d + (emitted or 0),
                         self._tokens[2] * d + admitted]
         self._load = [self._load[0] * d + batch, self._load[1] * d + 1.0]
+        self._load_size = int(min(max(round(self._load[0] / self._load[1]), 1), self.max_batch))
         self.last_k = k
         if drafted:
             self.profile.update(batch, drafted, accepted, positions)
         self.steps += 1
 
     def _spend(self, batch: int, k: int, seconds: float | None, emitted: int | None,
-               draft_seconds: float = 0.0) -> None:
+               draft_seconds: float, load: int) -> None:
         # what the explorations cost: a step off the table, and the one after it (the switch
         # back pays for the switch), against the table's k emitting the same tokens
         if self.steps < self.calibration_steps:
             return
+        budget = self._budget(load)
+        planned = self.table[min(batch, self.max_batch)]
+        explored = k != planned
+        # With cold requests and the table at k = 0 a row drafts only if an exploration
+        # admitted it: its draft passes in the table's steps (catching up at each filled KV
+        # block, on a 2-core CPU a third of a step) are the explorations' too.
+        knock_on = draft_seconds if planned == 0 and self.price_admission else 0.0
         if seconds is None:
             # After an idle engine a step has no wall time, yet an exploration there still
             # pays its draft passes: at one request every admission follows an idle engine,
             # and one admitted in an exploration is warm and runs the draft's prefill.
-            if k != self.table[min(batch, self.max_batch)]:
-                self.overspent += draft_seconds
+            self._overspend(budget, draft_seconds if explored else knock_on)
             return
         self.elapsed = self.elapsed * self.budget_decay + seconds
         self.overspent *= self.budget_decay
-        planned = self.table[min(batch, self.max_batch)]
-        explored = k != planned
+        budget[0] += seconds
+        exploring = explored or self._explored_last
+        self._explored_last = explored
+        if not exploring and knock_on:
+            self._overspend(budget, knock_on)
         if planned == 0 and emitted:
             # (keyed by the load's batch size, which the budget is read at: a load of four
             # requests runs steps at 2-6)
-            self._realise(self.load_size(), explored or self._explored_last, seconds, emitted)
-        if (explored or self._explored_last) and self.fitted is not None:
+            self._realise(load, exploring, seconds, emitted)
+        if exploring and self.fitted is not None:
             q = self._shared()
             key = (batch, planned, q)
             t = self._planned_seconds.get(key)
@@ -931,14 +950,43 @@ class AutoK:
                 alpha = self.alpha[min(batch, self.max_batch)]
                 e = 1.0 + q * (expected_tokens(alpha, planned) - 1.0)
                 t *= emitted / max(batch * e, 1e-9)
-            self.overspent += seconds - t
-        self._explored_last = explored
+            self._overspend(budget, seconds - t)
+
+    def _overspend(self, budget: list, seconds: float) -> None:
+        self.overspent += seconds
+        # the load's own reading stops at 0: steps that came in under the table's price
+        # (noise, mostly: a cold exploration's step is a k = 0 step) bank nothing for the
+        # dear ones to spend
+        budget[1] = max(budget[1] + seconds, 0.0)
+
+    def _budget(self, load: int) -> list:
+        """The budget's [elapsed, overspent] at a load's doubling, decayed by ``budget_decay``
+        per step of the engine's since it was last read, whatever the load then (a load met
+        again after a long while starts near afresh, not with the debt it left)."""
+        budget = self._budgets.get(load.bit_length())
+        if budget is None:
+            budget = self._budgets[load.bit_length()] = [0.0, 0.0, self.steps]
+        elif budget[2] != self.steps:
+            d = self.budget_decay ** (self.steps - budget[2])
+            budget[0] *= d
+            budget[1] *= d
+            budget[2] = self.steps
+        return budget
+
+    def spent_share(self, load: int) -> float | None:
+        """What the explorations cost at a load's doubling, as the budget reads it: a share
+        of the engine's time there (None: nothing spent or timed there yet)."""
+        budget = self._budgets.get(load.bit_length())  # (a ratio: the decay drops out)
+        if not budget or not (budget[0] or budget[1]):
+            return None
+        return budget[1] / budget[0] if budget[0] else math.inf
 
     def _realise(self, load: int, explored: bool, seconds: float, emitted: int) -> None:
         pair = self._realised.get(load.bit_length())
         if pair is None:
             pair = self._realised[load.bit_length()] = ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
-        d, sums = self.realised_decay[explored], pair[explored]
+        d = self.realised_decay_explored if explored else self.realised_decay_table
+        sums = pair[explored]
         sums[0] = sums[0] * d + seconds
         sums[1] = sums[1] * d + emitted
         sums[2] = sums[2] * d + 1.0
@@ -1005,7 +1053,8 @@ class AutoK:
         phase = self.steps % self.explore_every
         if phase == 0 and self._decided != self.steps:  # a turn explores within the budget
             self._decided = self.steps
-            self._exploring = self.overspent <= self.explore_share() * self.elapsed
+            spent = self.spent_share(self._load_size)
+            self._exploring = spent is None or spent <= self.explore_share()
             self._turns += self._exploring
         cold = self.price_admission
         if phase >= (self.cold_hold if cold else 2) or not self._exploring:
@@ -1063,9 +1112,9 @@ class AutoK:
         return self.explore_budget * min(max((near - lo) / (hi - lo), self.explore_least), 1.0)
 
     def load_size(self) -> int:
-        """The load's batch size: the decayed mean of the steps' batch sizes."""
-        return int(min(max(round(self._load[0] / max(self._load[1], 1e-9)), 1),
-                       self.max_batch))
+        """The load's batch size: the decayed mean of the steps' batch sizes (1 before a
+        step)."""
+        return self._load_size
 
     def _fit_due(self) -> bool:
         return self.fit_budget is None or self._since_fit * self.fit_budget >= self.fit_seconds

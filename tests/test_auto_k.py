@@ -387,9 +387,12 @@ def _one_linear_fit(samples):
 @pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95])
 def test_closed_loop_on_a_roofline_engine_under_a_ramp(alpha):
     """Load ramps 1 -> 256 -> 1 running requests; the controller sees only step times and
-    accepted counts. Its choice is within 3 % of the best goodput at every level, where one
+    accepted counts. Its choice is within 3.5 % of the best goodput at every level, where one
     linear fit over all batch sizes, given the same steps, is off by 10 % or more at some
-    (25-32 % for these alphas)."""
+    (25-32 % for these alphas). (Within 3 % while one explorations' budget spanned every load;
+    kept per load, the ramp explores 6 % fewer turns, and at alpha 0.5 the last level at one
+    request ends on the second best k, 0.969 of the best. Over twelve seeds the worst level
+    is 0.969-0.986 of the best at these alphas.)"""
     true = _Roofline()
     rng = random.Random(3)
     auto = AutoK(k_max=8, max_batch=256)
@@ -404,7 +407,7 @@ def test_closed_loop_on_a_roofline_engine_under_a_ramp(alpha):
     ours = [goodput[b, auto.table[b]] / best[b] for b in levels]
     linear = choose_k([alpha] * 8, _one_linear_fit(samples), 256, 8)
     theirs = [goodput[b, linear[b]] / best[b] for b in levels]
-    assert min(ours) >= 0.97, (auto.table, ours)
+    assert min(ours) >= 0.965, (auto.table, ours)
     assert min(theirs) <= 0.90, theirs
 
 
@@ -824,7 +827,8 @@ def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypa
     ctl._last_log = float("-inf")
     ctl._report(2, publish=False)
     assert "alpha at this batch over an output, at the last fit n/a" in lines[-1]
-    assert "while k was 0 ran at n/a of its tokens/s" in lines[-1]
+    # (in calibration the table drafts everywhere: the explorations' reading is not in force)
+    assert "while k was 0 ran at n/a (the table drafts at this load) of its" in lines[-1]
     own = 100 * ctl.own_seconds / ctl.engine_seconds
     assert f"the controller's own time {own:.2f} % of the engine's" in lines[-1]
     auto = ctl.auto
@@ -842,10 +846,19 @@ def test_the_log_line_shows_the_alpha_the_last_fit_chose_the_table_with(monkeypa
     assert f"alpha at this batch over an output, at the last fit {shown}" in lines[-1]
     # where the table's k is 0, what the explorations that drafted realised against it
     auto.realised_near = lambda load: 0.625 if load == auto.load_size() else None
+    auto.table = [0] * 5
     ctl._last_log = float("-inf")
     ctl._report(2, publish=False)
-    assert (f"at the load's batch size {auto.load_size()}, where the explorations that drafted "
-            "while k was 0 ran at 0.62x of its tokens/s") in lines[-1]
+    assert "where the explorations that drafted while k was 0 ran at 0.62x of its" in lines[-1]
+    # what the explorations cost at the load, as its budget reads it
+    spent = auto.spent_share(auto.load_size())
+    assert spent is not None
+    assert (f"at the load's batch size {auto.load_size()} {100 * spent:.1f} % (budget "
+            f"{100 * auto.explore_share():.1f} %") in lines[-1]
+    auto.table = [2] * 5  # drafting there: the reading waits, and the line says so
+    ctl._last_log = float("-inf")
+    ctl._report(2, publish=False)
+    assert "while k was 0 ran at n/a (the table drafts at this load) of its" in lines[-1]
 
 
 def test_partly_cold_steps_are_samples_of_the_share_that_drafted():
@@ -1453,6 +1466,63 @@ def test_an_exploration_after_an_idle_engine_is_charged_its_draft_passes():
     assert auto.elapsed == 0.0  # no wall time to add
     auto.observe(1, 0, 300, None, [], [], 1, draft_seconds=0.012)  # the table's k drafts no more
     assert auto.overspent == pytest.approx(0.012)
+
+
+def _fixed_fit(auto: AutoK) -> AutoK:
+    # a fit that prices a k = 0 step at 10 ms and k = 1 at 20 ms at every batch size, kept
+    auto.fitted = StepTimes(np.array([1.0, 2.0, 4.0]), np.array([[0.010, 0.020]] * 3))
+    auto.costs.fit = lambda: None
+    return auto
+
+
+def _drafting_steps(auto: AutoK, batch: int, steps: int, t1: float) -> int:
+    # the table at k = 0 (drafts never accepted); a step at k = 1 takes t1 seconds against a
+    # k = 0 step's 10 ms. The steps that drafted (explorations' k = 1)
+    drafting = 0
+    for _ in range(steps):
+        k = auto.next_table()[batch]
+        drafting += bool(k)
+        auto.observe(batch, k, 0, 0.010 if k == 0 else t1, [1] * batch if k else [],
+                     [0] * batch if k else [], batch)
+    return drafting
+
+
+def test_the_explorations_budget_is_kept_per_load():
+    # At one request the explorations come in far under the fit's price (2 ms against 10):
+    # they bank nothing for another load to spend. At four they cost four times a k = 0 step,
+    # and explore as rarely as on an engine that only ever ran four (with one budget over both
+    # loads the credit paid for every turn there: 12 drafting steps in 400)
+    fresh = _fixed_fit(AutoK(k_max=1, max_batch=4, calibration_steps=48))
+    _drafting_steps(fresh, 4, 48, 0.040)  # calibration
+    alone = _drafting_steps(fresh, 4, 400, 0.040)
+    auto = _fixed_fit(AutoK(k_max=1, max_batch=4, calibration_steps=48))
+    _drafting_steps(auto, 1, 48, 0.002)
+    assert _drafting_steps(auto, 1, 3200, 0.002) >= 2 * 3200 // 48  # every k = 1 turn
+    assert auto.overspent < -0.2  # (over every load, as reported: the credit is real)
+    assert auto.spent_share(1) == 0.0  # the load's own reading stops at 0
+    after = _drafting_steps(auto, 4, 400, 0.040)
+    assert 0 < after <= alone + 2 <= 6
+
+
+def test_with_cold_requests_the_table_steps_draft_passes_at_k0_are_the_explorations_cost():
+    # With cold requests and the table at k = 0 only a row an exploration admitted drafts:
+    # its catching-up passes in the table's steps are the explorations' cost as well
+    for cold in (True, False):
+        auto = _fixed_fit(AutoK(k_max=1, max_batch=4, calibration_steps=0,
+                                price_admission=cold))
+        auto.table = [0] * 5
+        for _ in range(4):  # a load of four (the first step counts toward the load before)
+            auto.observe(4, 0, 0, 0.010, [], [], 4)
+        assert auto.overspent == 0.0
+        auto.observe(4, 0, 0, 0.013, [], [], 4, draft_seconds=0.003)
+        auto.observe(4, 0, 0, None, [], [], 4, draft_seconds=0.002)  # after an idle engine
+        assert auto.overspent == pytest.approx(0.005 if cold else 0.0, rel=0.01)
+        assert auto.spent_share(4) == pytest.approx(0.005 / 0.043 if cold else 0.0, rel=0.01)
+    # where the table drafts, its own passes are not
+    auto = _fixed_fit(AutoK(k_max=1, max_batch=4, calibration_steps=0, price_admission=True))
+    auto.table = [1] * 5
+    auto.observe(4, 1, 0, 0.020, [1] * 4, [0] * 4, 4, draft_seconds=0.003)
+    assert auto.overspent == 0.0
 
 
 def test_vllms_lookup_follows_every_table_and_is_written_only_when_it_changes():

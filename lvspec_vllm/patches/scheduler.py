@@ -222,7 +222,7 @@ class AutoKController:
                 "rows drafting %s (standard errors %s; measured near it: k %s); output tokens "
                 "per request %s; draft prefill per output token when drafting, ms %s "
                 "(drafter's clock: us per prompt token %s, %d passes); explorations' cost "
-                "%.1f %% of the time (budget %.1f %% at the load's batch size %d, where the "
+                "%.1f %% of the time, at the load's batch size %d %s (budget %.1f %%, where the "
                 "explorations that drafted while k was 0 ran at %s of its tokens/s); %d fits, "
                 "the last %.2f ms; the controller's own time %.2f %% of the engine's; k by "
                 "batch size %s; steps by k %s",
@@ -234,7 +234,10 @@ class AutoKController:
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
                 100 * self.auto.overspent / max(self.auto.elapsed, 1e-9),
-                100 * self.auto.explore_share(), (load := self.auto.load_size()),
+                (load := self.auto.load_size()),
+                "n/a" if (spent := self.auto.spent_share(load)) is None else
+                f"{100 * spent:.1f} %", 100 * self.auto.explore_share(),
+                "n/a (the table drafts at this load)" if self.auto.table[load] else
                 "n/a" if (near := self.auto.realised_near(load)) is None else f"{near:.2f}x",
                 self.auto.fits, self.auto.fit_seconds * 1e3,
                 100 * self.own_seconds / max(self.engine_seconds, 1e-9),
