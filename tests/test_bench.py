@@ -314,6 +314,13 @@ def test_auto_k_trace_time_by_kind_and_the_acceptance_at_one_request(tmp_path, c
     path.write_text("\n".join(json.dumps(row) for row in rows))
     auto_k_trace.main([str(path), "--batches", "1"])
     assert "whole, decode, table: 2, " in capsys.readouterr().out
+    # where the table's k is 0: its own steps 10 ms for 2 tokens; the exploration's two steps
+    # 25 ms for 4 tokens, 5 ms beyond the table's 5 ms a token
+    cost = auto_k_trace.exploration_cost(rows, 1, 1)
+    assert cost == {"steps": 2, "share": pytest.approx(0.025 / total),
+                    "beyond": pytest.approx(0.005 / total),
+                    "table_ms_per_token": pytest.approx(5.0)}
+    assert auto_k_trace.exploration_cost(rows, 3, 8) is None
     auto_k_trace.main([str(path)])
     out = capsys.readouterr().out
     assert "batch 1, k = 2, whole decode-only steps emitting 1..3 tokens: [1, 1, 1]" in out

@@ -13,7 +13,8 @@ out, and with output tokens in the trace what those steps emitted (tokens a row,
 token: the goodput auto_k's model predicts). With ``--fit-at B``: the step-cost fit of the
 trace's samples, its levels at batch size B beside the medians of the steps kept there
 (``refit``). With ``--batches LO-HI``: where the time went at those batch sizes, by kind of
-step (``time_by_kind``). Also printed: per doubling of the batch size and k, the output
+step (``time_by_kind``), and where the table's k is 0 what the explorations took beyond its
+own steps' seconds per output token (``exploration_cost``). Also printed: per doubling of the batch size and k, the output
 tokens per drafting row (``drafting_rows``), and at one request the acceptance per draft
 position and along a request (``acceptance_at_one``).
 """
@@ -190,6 +191,34 @@ def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict
             "kept_medians_ms": {k: round(1e3 * t, 2) for k, t in medians.items()}}
 
 
+def exploration_cost(lines: list[list], lo: int, hi: int) -> dict | None:
+    """Of the timed steps at batch sizes ``lo``-``hi`` where the table's k is 0 (traces with
+    output tokens): the explorations' steps and the step after each, their share of the time,
+    and what they took beyond the table's own steps' measured seconds per output token for the
+    tokens they emitted, as a share of the time (what ``AutoK``'s budget would read if it
+    priced them by the table's realised steps instead of the fit). None: no table step
+    there."""
+    total, table, explored, after = 0.0, [0.0, 0], [], False
+    for row in lines:
+        off = len(row) > 9 and row[1] != row[7]
+        wall = _wall(row)
+        if len(row) > 9 and wall is not None and lo <= row[0] <= hi:
+            total += wall
+            if row[7] == 0 and row[9]:
+                if off or after:
+                    explored.append((wall, row[9]))
+                else:
+                    table[0] += wall
+                    table[1] += row[9]
+        after = off
+    if not table[1] or not total:
+        return None
+    per_token = table[0] / table[1]
+    return {"steps": len(explored), "share": sum(w for w, _ in explored) / total,
+            "beyond": sum(w - n * per_token for w, n in explored) / total,
+            "table_ms_per_token": 1e3 * per_token}
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -212,6 +241,12 @@ def main(argv=None) -> None:
                                                           int(hi or lo)).items():
             tail = f" ({per_token:.2f})" if per_token is not None else ""
             print(f"  {', '.join(key)}: {n}, {100 * share:.1f} %, {ms:.2f}{tail}")
+        cost = exploration_cost(lines, int(lo), int(hi or lo))
+        if cost is not None:
+            print(f"where the table's k is 0: {cost['steps']} steps of explorations and the step "
+                  f"after each, {100 * cost['share']:.1f} % of the time, "
+                  f"{100 * cost['beyond']:.1f} % beyond the table's own "
+                  f"{cost['table_ms_per_token']:.2f} ms an output token")
         return
     if args.fit_at is not None:
         r = refit(lines, args.fit_at, args.own_samples)
