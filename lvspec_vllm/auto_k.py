@@ -83,9 +83,11 @@ the tokens they emitted (by the fit and the measured acceptance), is at most a s
 engine's time, both counted at the load's batch size (per doubling, decayed): a load's
 explorations are paid from its own time, not from what cheaper ones at another load left
 unspent (on a 2-core CPU one request's explorations, all cold, cost nothing, and four
-requests' then ran at 3-7 % of their time against a budget of 1.5 %). Where a k off the table costs little, or pays, they run on
-every turn; where it is dear (a drafting step at twice a plain one's cost, this CPU) they
-grow rare, and their cost stays near that share instead of half the time. The share itself
+requests' then ran at 3-7 % of their time against a budget of 1.5 %). With cold requests,
+where the table's k is 0, the draft passes of the rows they warmed are theirs too. Where a k
+off the table costs little, or pays, they run on every turn; where it is dear (a drafting
+step at twice a plain one's cost, this CPU) they grow rare, and their cost stays near that
+share instead of half the time. The share itself
 shrinks where drafting is far from paying at the load's batch size (the best k > 0's goodput
 under 0.9 of k = 0's, down to an eighth of the share at 0.5; ``AutoK.explore_share``):
 explorations are how a change that makes drafting pay is found, and the farther it is, the less

@@ -14,9 +14,9 @@ token: the goodput auto_k's model predicts). With ``--fit-at B``: the step-cost 
 trace's samples, its levels at batch size B beside the medians of the steps kept there
 (``refit``). With ``--batches LO-HI``: where the time went at those batch sizes, by kind of
 step (``time_by_kind``), and where the table's k is 0 what the explorations took beyond its
-own steps' seconds per output token (``exploration_cost``). Also printed: per doubling of the batch size and k, the output
-tokens per drafting row (``drafting_rows``), and at one request the acceptance per draft
-position and along a request (``acceptance_at_one``).
+own steps' seconds per output token (``exploration_cost``). Also printed: per doubling of the
+batch size and k, the output tokens per drafting row (``drafting_rows``), and at one request
+the acceptance per draft position and along a request (``acceptance_at_one``).
 """
 
 from __future__ import annotations
