@@ -189,14 +189,26 @@ class StepTimes:
         the largest k measured near the batch size. A level beyond it is borrowed from other
         batch sizes or extrapolated from other k, and a guess must not displace a measured
         baseline (explorations measure one k more in turn). Where k = 0 was not measured
-        either, every k if ``guess`` (running the guess measures it), else only 0."""
+        either, every k if ``guess`` (running the guess measures it), else only 0.
+
+        Without ``guess`` (cold requests) also none below the smallest k > 0 measured: the
+        line from k = 0 to it spreads a drafting step's fixed part over the k below, and
+        makes them look cheap (on a 2-core CPU, at one request, k = 0 and 4 measured at 3.5
+        and 11 ms read k = 2 at 7.2 ms; its steps took 8.2-9.2). With guesses the chosen k is
+        measured at its next step; with cold requests the rows admitted at it turn warm and
+        pay the draft's prefill first, and explorations measure 1, k/2 and k in turn."""
         shape = np.shape(batch) + (self.times.shape[1],)
         if self.measured is None:
             return np.ones(shape, dtype=bool)
         seen = self.measured[self.index(batch)]
         ks = np.arange(shape[-1])
         top = np.where(seen, ks, 0).max(axis=-1, keepdims=True)
-        return (ks <= top) | (self.guess & ~seen[..., :1])
+        ok = (ks <= top) | (self.guess & ~seen[..., :1])
+        if not self.guess:
+            drafting = seen & (ks > 0)
+            low = np.where(drafting, ks, shape[-1]).min(axis=-1, keepdims=True)
+            ok &= (ks == 0) | (ks >= low)
+        return ok
 
 
 def goodput_table(alpha, costs, max_batch: int, k_max: int,

@@ -1092,8 +1092,14 @@ def test_no_k_above_the_largest_measured_where_k0_was_measured():
     model.guess = False
     fitted = model.fit()
     assert fitted.allowed(64).tolist() == [True] + [False] * 4
-    assert fitted.allowed(4).tolist() == [True] * 3 + [False] * 2
+    # nor a k below the smallest k > 0 measured: the line from k = 0 to 2 reads k = 1 at
+    # half of k = 2's drafting part, where a drafting step's fixed part makes it dearer
+    assert fitted.allowed(4).tolist() == [True, False, True, False, False]
     assert choose_k(alpha, fitted, 64, 4)[64] == 0
+    # (at alpha 0.2 the line makes k = 1 the best: 1.2 tokens in 11 ms)
+    assert choose_k([0.2] * 4, fitted, 64, 4)[4] == 2
+    model.guess = True
+    assert choose_k([0.2] * 4, model.fit(), 64, 4)[4] == 1
     assert not AutoK(4, 64, price_admission=True).costs.guess
     assert AutoK(4, 64).costs.guess
 
