@@ -31,17 +31,22 @@ def _wall(row: list) -> float | None:
     return row[6] if len(row) > 7 else row[3]
 
 
+def _exploring(lines: list[list]):
+    """Each row with whether it is an exploration's: a step at a k off the table (traces that
+    have the table's k), or the step after one, which pays for the switch back."""
+    after = False
+    for row in lines:
+        off = len(row) > 7 and row[1] != row[7]
+        yield row, off or after
+        after = off
+
+
 def summarise(lines: list[list]) -> dict:
     steps = [row for row in lines if _wall(row) is not None]
     total = sum(_wall(row) for row in steps)
     prefill = [row for row in steps if row[2] > 0]
-    # an exploration's steps, and the one after it (which pays for the switch back)
-    explored, after = [], False
-    for row in lines:
-        off = len(row) > 7 and row[1] != row[7]
-        if (off or after) and _wall(row) is not None:
-            explored.append(_wall(row))
-        after = off
+    explored = [_wall(row) for row, exploring in _exploring(lines)
+                if exploring and _wall(row) is not None]
     decode = defaultdict(list)
     emitted = defaultdict(list)  # (batch, k) -> (tokens, seconds) of its whole steps
     cold = defaultdict(lambda: defaultdict(list))  # (batch, k) -> kind -> seconds
@@ -198,19 +203,17 @@ def exploration_cost(lines: list[list], lo: int, hi: int) -> dict | None:
     tokens they emitted, as a share of the time (what ``AutoK``'s budget would read if it
     priced them by the table's realised steps instead of the fit). None: no table step
     there."""
-    total, table, explored, after = 0.0, [0.0, 0], [], False
-    for row in lines:
-        off = len(row) > 9 and row[1] != row[7]
+    total, table, explored = 0.0, [0.0, 0], []
+    for row, exploring in _exploring(lines):
         wall = _wall(row)
         if len(row) > 9 and wall is not None and lo <= row[0] <= hi:
             total += wall
             if row[7] == 0 and row[9]:
-                if off or after:
+                if exploring:
                     explored.append((wall, row[9]))
                 else:
                     table[0] += wall
                     table[1] += row[9]
-        after = off
     if not table[1] or not total:
         return None
     per_token = table[0] / table[1]
