@@ -27,9 +27,9 @@ sample weighted by a Gaussian in log2(B_i / B) (width half a doubling), with
 one level T_B(k) per k, a slope for the spread of batch sizes inside the window, and the cost
 of the prefill chunks a step also computed (the decode step alone is what k changes; prefill
 work is the same whatever k). A level with at least ``own_samples`` whole decode steps at the
-grid point's own batch size is their median instead: the slope assumes the neighbouring batch
-sizes ran under the same load, which at the edges of a load level they did not, and a step's
-noise only ever slows it. No shape in k is assumed: a verify pass is flat in its rows until
+grid point's own batch size is the median of the latest ``own_samples`` of them instead: the
+slope assumes the neighbouring batch sizes ran under the same load, which at the edges of a
+load level they did not, a step's noise only ever slows it, and the engine's speed drifts. No shape in k is assumed: a verify pass is flat in its rows until
 it turns compute-bound, and a k = 0 step may or may not run a draft forward (vLLM's proposer
 runs one to keep the draft's KV cache in step; ``draft_catch_up`` defers it). A k without
 samples near B is interpolated linearly from the nearest measured k (the end's slope outside
@@ -408,8 +408,8 @@ class StepCostModel:
         # at k > 0 run the draft's prefill), which yields StepTimes.draft_prefill
         self.split_prefill = split_prefill
         self.min_samples = min_samples
-        # a level with this many whole steps at the grid point's own batch size is their
-        # median (_own_medians)
+        # a level with this many whole steps at the grid point's own batch size is the median
+        # of the latest this many (_own_medians)
         self.own_samples = own_samples
         self.width = width
         # a grid point is fitted where at least two k have this much weight of samples near it
@@ -475,17 +475,24 @@ class StepCostModel:
 
     def _own_medians(self, bucket: np.ndarray, b0: float,
                      level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The levels measured often at the grid point's own batch size: the median of those
-        steps (whole, no prefill), not the regression's, and its standard error (NaN where the
-        regression's level stands). The slope that carries neighbouring batch sizes' samples
+        """The levels measured often at the grid point's own batch size: the median of the
+        latest ``own_samples`` of those steps (whole, no prefill), not the regression's, and its
+        standard error (NaN where the regression's level stands). The slope that carries neighbouring batch sizes' samples
         to this one assumes they ran under the same load; at the edges of a load level they did
         not (the API server decodes arriving videos on the same CPUs), and on a 2-core CPU the
         fit put T(1, 4) at 19 ms where 64 steps at one request took 29 ms. The median, as a
         step's noise only ever slows it; its standard error from the steps' median absolute
-        deviation, as the regression's pooled residuals are what those loads blew up."""
+        deviation, as the regression's pooled residuals are what those loads blew up. The
+        latest only, as the engine's speed drifts: where the table drafts, k = 0 is measured
+        by a baseline exploration's one step a turn of three, and a k = 0 level from a slow
+        moment that was the median of all 64 kept (``window``) stayed for over a thousand steps
+        after it on the cold-engine simulation, with the table drafting where it did not pay
+        (on a 2-core CPU: a k = 0 step at one request read as 5.3 ms where it took 3.0-3.5, a
+        load of one request at k = 4 for a whole level)."""
         out, se = level.copy(), np.full(len(level), np.nan)
         for kk, mine in _whole_steps(bucket, b0).items():
             if len(mine) >= self.own_samples:
+                mine = mine[-self.own_samples:]
                 out[kk] = np.median(mine)
                 # 1.4826 MAD: a normal's sigma; 1.2533 sigma / sqrt(n): the median's error
                 mad = np.median(np.abs(mine - out[kk]))
@@ -688,7 +695,9 @@ def decode_share(k: int, previous_k: int, drafts: list[int], cold: bool) -> floa
 
 
 def _whole_steps(bucket: np.ndarray, batch: float) -> dict[int, np.ndarray]:
-    """Per k, the seconds of a bucket's whole decode-only steps at exactly ``batch``."""
+    """Per k, the seconds of a bucket's whole decode-only steps at exactly ``batch``, oldest
+    first."""
+    bucket = bucket[np.argsort(bucket[:, 4], kind="stable")]
     b, k, prefill, t, _, share = bucket.T
     own = (b == batch) & (prefill == 0) & (share == 1.0)
     return {int(kk): t[own & (k == kk)] for kk in np.unique(k[own])}

@@ -1,10 +1,12 @@
 """A simulated engine for ``auto_k`` with cold requests: can a passing k = 0 be left?
 
     python -m lvspec_vllm.testing.cold_engine [--steps 4000] [--alpha 0.8] [--draft-fixed S]
+        [--slow-until 200] [--plain-slow-until 0] [--seed 9]
 
 ``concurrency`` requests of ``output`` tokens, each replaced when it finishes, on an engine
 where drafting pays (k = 4 doubles goodput at alpha 0.8), except for a slow moment during
-calibration: for the first ``slow_until`` steps a step in which the draft runs takes 3x. The
+calibration: for the first ``slow_until`` steps a step in which the draft runs takes 3x (and
+for the first ``plain_slow_until`` steps one in which it does not takes 2x). The
 requests are cold as the drafter keeps them (``drafter/cold.py``: admitted at k = 0, a request
 never drafts). A step costs the target's verify of every row it checks plus k
 draft passes over the warm rows, and ``draft_fixed`` seconds once if any row drafts (the
@@ -29,13 +31,15 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
         seed: int = 9, draft_fixed: float = 0.0, gap: int = 0,
         late_alpha: float | None = None, early: int = 8,
-        positions: bool = True) -> list[tuple[int, float | None, int, float, int]]:
+        positions: bool = True, plain_slow_until: int = 0, plain_slow: float = 2.0) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
     ``concurrency`` requests, its seconds, output tokens emitted). ``gap``: a finished
     request's successor arrives after 0 to ``gap`` steps (the batch size moves under
     ``concurrency``, as a serving client's round trips make it). ``late_alpha``: drafts made
     at ``early`` output tokens or more are accepted at this instead (None: at ``alpha``);
-    ``positions``: the controller is told where in its output each drafting row was."""
+    ``positions``: the controller is told where in its output each drafting row was.
+    ``plain_slow_until``: before this step a step in which no row drafts takes ``plain_slow``
+    times as long (the k = 0 steps measured in a slow moment that drafting ones missed)."""
     rng = random.Random(seed)
     arrivals: list[int] = []  # the steps at which the next requests arrive
     cold = ColdRequests(block_size=16)
@@ -73,6 +77,8 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
             t += draft_fixed + k * (1e-3 + 1e-4 * len(warm))
         if step < slow_until and k and warm:
             t *= 3
+        if step < plain_slow_until and not (k and warm):
+            t *= plain_slow
         share = decode_share(k, previous, held, cold=True)
         t *= rng.uniform(0.98, 1.02)
         emitted = sum(1 + m for m in accepted)
@@ -124,14 +130,22 @@ def main(argv=None) -> None:
                     help="a finished request's successor arrives after 0 to GAP steps")
     ap.add_argument("--draft-fixed", type=float, default=0.0,
                     help="seconds a step pays once when any row drafts")
+    ap.add_argument("--slow-until", type=int, default=200,
+                    help="before this step a step in which the draft runs takes 3x")
+    ap.add_argument("--plain-slow-until", type=int, default=0,
+                    help="before this step a step in which no row drafts takes 2x")
+    ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--explore-budget", type=float, default=AutoK.explore_budget,
                     help="AutoK.explore_budget (inf: explore on every turn)")
     args = ap.parse_args(argv)
     auto = AutoK(4, 4, price_admission=True)
     auto.explore_budget = args.explore_budget
-    seen = run(auto, args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap)
-    never = run(NeverDrafts(), args.steps, alpha=args.alpha, draft_fixed=args.draft_fixed,
-                gap=args.gap)
+    scene = dict(alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap,
+                 slow_until=args.slow_until, seed=args.seed)
+    seen = run(auto, args.steps, plain_slow_until=args.plain_slow_until, **scene)
+    # (the engine that never drafts runs no slow moment of steps without drafts: against it
+    # the windows after the moment read what drafting there cost)
+    never = run(NeverDrafts(), args.steps, **scene)
     for i in range(0, len(seen), args.window):
         part = seen[i:i + args.window]
         shares = [s for k, s, *_ in part if s is not None and k]
