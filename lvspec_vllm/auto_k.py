@@ -828,6 +828,13 @@ class AutoK:
     realised_decay_table = 0.98
     realised_decay_explored = 0.8
     budget_decay = 0.999
+    # A step at under half the mean batch size of the last few steps (decayed by this per
+    # step: about twenty) is no sample of the fit: the requests missing from it are in the
+    # API server's hands (their media decoded, the next ones taken in) on the same CPUs. On a
+    # 2-core CPU the k = 0 steps at one request during a load of four took 9-11 ms against
+    # 3.5 at a load of one, and the fit read drafting as paying at one request after that
+    # load. A load that settles at a smaller batch size is sampled again within twenty steps.
+    transient_decay = 0.95
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
     caution = 1.0
@@ -856,6 +863,7 @@ class AutoK:
         self._tokens = [0.0, 0.0, 0.0]
         self._load = [0.0, 0.0]
         self._load_size = 1  # load_size(), kept by observe: the hook asks for it every step
+        self._recent = [0.0, 0.0]  # decayed (batch sizes, steps) by transient_decay
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -915,8 +923,13 @@ class AutoK:
         share of the requests it leaves running that would draft (``WarmRequests``) and
         how many it leaves running, and per request that drafted the output tokens it had
         before the step (None: not known)."""
-        if seconds is not None and k == self.last_k:
+        # a step at under half the batch size of the last few steps is a dip, no sample
+        # (``transient_decay``)
+        recent = self._recent[0] / self._recent[1] if self._recent[1] else batch
+        if seconds is not None and k == self.last_k and 2 * batch >= recent:
             self.costs.add(batch, k, seconds, prefill, share)
+        r = self.transient_decay
+        self._recent = [self._recent[0] * r + batch, self._recent[1] * r + 1.0]
         wall = seconds if elapsed is None else elapsed
         self._spend(batch, k, wall, emitted, draft_seconds, self._load_size)
         if warm_share is not None:
