@@ -20,7 +20,7 @@ setup(
     package_dir={"lvspec_vllm.kernels": "kernels", "lvspec_vllm.configs": "configs"},
     package_data={"lvspec_vllm.configs": ["*.json"],
                   "lvspec_vllm.world": ["checkpoints/README.md", "checkpoints/*/*"]},
-    install_requires=[f"vllm{SUPPORTED_VLLM}"],
+    install_requires=[f"vllm{SUPPORTED_VLLM}", "threadpoolctl>=3.1"],
     extras_require={"test": ["pytest>=8", "openai>=1.40", "requests"], "bench": ["matplotlib>=3.8"]},
     entry_points={
         "vllm.general_plugins": ["lvspec = lvspec_vllm:register"],

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lvspec_vllm import metrics
+from lvspec_vllm._blas import numpy_blas_single_threaded
 from lvspec_vllm._logging import get_logger
 from lvspec_vllm.auto_k import AutoK, WarmRequests, decode_share
 from lvspec_vllm.config import LVSpecConfig
@@ -77,8 +78,11 @@ class AutoKController:
         if self._trace is not None:
             atexit.register(self._trace.close)
         self._apply(scheduler, self.auto.next_table())
-        logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d",
-                    k_max, self.max_batch)
+        # the controller's numpy must not take the model's cores (_blas.py)
+        limited = numpy_blas_single_threaded()
+        logger.info("LVSpec auto k: choosing k in [0, %d] per step for batch sizes up to %d "
+                    "(numpy's BLAS held to one thread: %s)", k_max, self.max_batch,
+                    ", ".join(limited) or "none found")
 
     @staticmethod
     def positions(scheduler, scheduler_output) -> dict[str, int]:
