@@ -5,7 +5,8 @@ numpy's wheels bring their own OpenBLAS, with a thread per core, beside the mode
 grid point, products over a few thousand samples) and gains nothing from threads, while
 numpy's BLAS threads compete for the cores the model's forward runs on: on a 2-core CPU, at
 one request, an ``auto_k`` engine's steady k = 0 steps took 1.07-1.18x those of an engine
-without it, and 0.94-0.97x with ``OPENBLAS_NUM_THREADS=1`` (docs/benchmarks.md, s35).
+without it, and 1.01-1.05x with numpy's BLAS held to one thread here (but in the first round
+of a run: 1.16-1.18x; docs/benchmarks.md, s35).
 Only the BLAS libraries loaded from numpy's own folder are limited, never torch's.
 """
 
