@@ -29,9 +29,10 @@ of the prefill chunks a step also computed (the decode step alone is what k chan
 work is the same whatever k). A level with at least ``own_samples`` whole decode steps at the
 grid point's own batch size is the median of the latest ``own_samples`` of them instead: the
 slope assumes the neighbouring batch sizes ran under the same load, which at the edges of a
-load level they did not, a step's noise only ever slows it, and the engine's speed drifts. No shape in k is assumed: a verify pass is flat in its rows until
-it turns compute-bound, and a k = 0 step may or may not run a draft forward (vLLM's proposer
-runs one to keep the draft's KV cache in step; ``draft_catch_up`` defers it). A k without
+load level they did not, a step's noise only ever slows it, and the engine's speed drifts.
+No shape in k is assumed: a verify pass is flat in its rows until it turns compute-bound,
+and a k = 0 step may or may not run a draft forward (vLLM's proposer runs one to keep the
+draft's KV cache in step; ``draft_catch_up`` defers it). A k without
 samples near B is interpolated linearly from the nearest measured k (the end's slope outside
 them), and the levels are made non-decreasing in k. A batch size with fewer than two measured k
 near it takes the nearest fitted one's levels. Borrowed and extrapolated levels only guide a
@@ -476,11 +477,12 @@ class StepCostModel:
     def _own_medians(self, bucket: np.ndarray, b0: float,
                      level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The levels measured often at the grid point's own batch size: the median of the
-        latest ``own_samples`` of those steps (whole, no prefill), not the regression's, and its
-        standard error (NaN where the regression's level stands). The slope that carries neighbouring batch sizes' samples
-        to this one assumes they ran under the same load; at the edges of a load level they did
-        not (the API server decodes arriving videos on the same CPUs), and on a 2-core CPU the
-        fit put T(1, 4) at 19 ms where 64 steps at one request took 29 ms. The median, as a
+        latest ``own_samples`` of those steps (whole, no prefill), not the regression's, and
+        its standard error (NaN where the regression's level stands). The slope that carries
+        neighbouring batch sizes' samples to this one assumes they ran under the same load; at
+        the edges of a load level they did not (the API server decodes arriving videos on the
+        same CPUs), and on a 2-core CPU the fit put T(1, 4) at 19 ms where 64 steps at one
+        request took 29 ms. The median, as a
         step's noise only ever slows it; its standard error from the steps' median absolute
         deviation, as the regression's pooled residuals are what those loads blew up. The
         latest only, as the engine's speed drifts: where the table drafts, k = 0 is measured

@@ -31,7 +31,8 @@ def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
         output: int = 40, alpha: float = 0.8, slow_until: int = 200,
         seed: int = 9, draft_fixed: float = 0.0, gap: int = 0,
         late_alpha: float | None = None, early: int = 8,
-        positions: bool = True, plain_slow_until: int = 0, plain_slow: float = 2.0) -> list[tuple[int, float | None, int, float, int]]:
+        positions: bool = True, plain_slow_until: int = 0,
+        plain_slow: float = 2.0) -> list[tuple[int, float | None, int, float, int]]:
     """Per step: (k, share of decode rows that drafted or None if no sample, the k chosen for
     ``concurrency`` requests, its seconds, output tokens emitted). ``gap``: a finished
     request's successor arrives after 0 to ``gap`` steps (the batch size moves under
