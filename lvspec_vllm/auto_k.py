@@ -159,6 +159,9 @@ class StepTimes:
     # [len(grid), k_max + 1]: the part of each level that a step's drafting rows bring in
     # (V_k; the rest, F_k, any drafting row does); None: all of it is fixed
     per_row: np.ndarray | None = None
+    # [len(grid), k_max + 1]: levels that are the median of the grid point's own whole steps
+    # (``StepCostModel._own_medians``), not the regression's
+    own: np.ndarray | None = None
 
     def index(self, batch):
         b = np.log2(np.maximum(np.asarray(batch, dtype=float), 1.0))
@@ -439,7 +442,7 @@ class StepCostModel:
         n = len(self.grid)
         self._fits = (np.full((n, k_max + 1), np.nan), np.zeros(n),
                       np.zeros((n, k_max + 1), dtype=bool), np.zeros((n, k_max + 1)),
-                      np.zeros((n, k_max + 1)))
+                      np.zeros((n, k_max + 1)), np.zeros((n, k_max + 1), dtype=bool))
         self._dirty = np.zeros(n, dtype=bool)
 
     def _bucket(self, g: int) -> np.ndarray:
@@ -509,7 +512,7 @@ class StepCostModel:
         # a grid point's fit reads only the buckets within reach, its sample ages included:
         # refit the points near a bucket that changed, keep the others' (the engine's batch
         # size moves slowly, and the fit runs in the engine's step loop)
-        times, draft_prefill, measured, spread, per_row = self._fits
+        times, draft_prefill, measured, spread, per_row, own = self._fits
         stale = np.zeros(len(self.grid), dtype=bool)
         for i in np.flatnonzero(self._dirty):
             stale[max(0, i - self._reach):i + self._reach + 1] = True
@@ -522,6 +525,7 @@ class StepCostModel:
         for g in np.flatnonzero(stale):
             b0 = self.grid[g]
             times[g], draft_prefill[g], measured[g], spread[g] = np.nan, 0.0, False, 0.0
+            own[g] = False
             per_row[g] = 0.0
             near = range(max(0, g - self._reach), min(len(self.grid), g + self._reach + 1))
             batch, k, prefill, t, number, share = np.concatenate(
@@ -563,6 +567,7 @@ class StepCostModel:
             slope, slope_k = coef[2 * n - 1], coef[2 * n]
             regressed = level + (slope + slope_k * ks) * (b0 - centre)
             level, own_se = self._own_medians(buckets[g], b0, regressed)
+            own[g] = ~np.isnan(own_se)
             times[g] = _fill_unseen(level, seen)
             per_row[g] = _per_row(coef[n:2 * n - 1], regressed, times[g], seen)
             spread[g] = _level_spread(coef, k, share, np.stack(columns), w, t, seen, times[g])
@@ -584,7 +589,7 @@ class StepCostModel:
         return StepTimes(self.grid, times[fitted][nearest],
                          draft_prefill[fitted][nearest] if self.split_prefill else None,
                          measured.copy(), self.guess, spread[fitted][nearest],
-                         per_row[fitted][nearest])
+                         per_row[fitted][nearest], own.copy())
 
 
 class DraftPassCost:
@@ -837,6 +842,15 @@ class AutoK:
     # 3.5 at a load of one, and the fit read drafting as paying at one request after that
     # load. A load that settles at a smaller batch size is sampled again within twenty steps.
     transient_decay = 0.95
+    # The engine's pace: the decayed mean (by this per sample, about twenty) of the decode-only
+    # samples' seconds over the last fit's level for their batch size, k and share. Samples are
+    # kept divided by the pace when they ran, so that levels measured minutes apart compare as
+    # if measured together: where the table's k is 0, a k > 0 is measured only by explorations,
+    # and a machine that slows for a while (on a 2-core CPU the k = 0 and k = 4 steps at one
+    # request both ran 25 % slower for the first few hundred steps of some servers, and after
+    # a load of four) made k = 0, measured in the slow moment, look dear against k > 0 levels
+    # measured before it: the table drafted where it lost 10-15 % a token.
+    pace_decay = 0.8
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
     caution = 1.0
@@ -867,6 +881,8 @@ class AutoK:
         self._load_size = 1  # load_size(), kept by observe: the hook asks for it every step
         self._recent = [0.0, 0.0]  # decayed (batch sizes, steps) by transient_decay
         self._first_runs: set[int] = set()  # the k of the decode-only steps sampled so far
+        self._pace = [0.0, 0.0]  # decayed (seconds over the fit's, samples) by pace_decay
+        self._expected: dict[tuple, float] = {}  # the last fit's levels as looked up, per fit
         self._decay = decay
         self.admission: np.ndarray | None = None  # [max_batch + 1] seconds per output token
         self.explore_every = explore_every
@@ -931,7 +947,12 @@ class AutoK:
         recent = self._recent[0] / self._recent[1] if self._recent[1] else batch
         if seconds is not None and k == self.last_k and 2 * batch >= recent \
                 and self._ran_before(k, prefill):
-            self.costs.add(batch, k, seconds, prefill, share)
+            pace = self.pace
+            self.costs.add(batch, k, seconds / pace, prefill, share)
+            t = self._own_level(batch, k) if not prefill and share == 1.0 else None
+            if t is not None:
+                d = self.pace_decay
+                self._pace = [self._pace[0] * d + seconds / t, self._pace[1] * d + 1.0]
         r = self.transient_decay
         self._recent = [self._recent[0] * r + batch, self._recent[1] * r + 1.0]
         wall = seconds if elapsed is None else elapsed
@@ -948,6 +969,27 @@ class AutoK:
         if drafted:
             self.profile.update(batch, drafted, accepted, positions)
         self.steps += 1
+
+    @property
+    def pace(self) -> float:
+        """How much longer the engine's steps take now than the last fit's levels (1 before a
+        fit): the fit's levels are in the engine's time divided by this (``pace_decay``)."""
+        n = self._pace[1]
+        return self._pace[0] / n if n >= 1.0 else 1.0
+
+    def _own_level(self, batch: int, k: int) -> float | None:
+        """The last fit's level at (batch, k) where it is the median of that batch size's own
+        whole steps (a grid point's), else None: elsewhere a level is the regression's, whose
+        error under a load that moves is no pace of the engine's."""
+        fitted = self.fitted
+        if fitted is None or fitted.own is None:
+            return None
+        key = (batch, k)
+        if key not in self._expected:
+            i = int(fitted.index(batch))
+            self._expected[key] = float(fitted.times[i, k]) \
+                if fitted.grid[i] == batch and fitted.own[i, k] else None
+        return self._expected[key]
 
     def _ran_before(self, k: int, prefill: int) -> bool:
         """Whether a decode-only step at k ran before (a step with prefill counts as one that
@@ -997,6 +1039,7 @@ class AutoK:
             t = self._planned_seconds.get(key)
             if t is None:  # the same few keys until the next fit
                 t = self._planned_seconds[key] = float(self.fitted.step_time(batch, planned, q))
+            t *= self.pace  # the fit's levels are at the pace the samples were kept at
             if emitted is not None and self.alpha is not None:
                 # the table's seconds for these tokens, with the alpha it was chosen with
                 alpha = self.alpha[min(batch, self.max_batch)]
@@ -1074,7 +1117,7 @@ class AutoK:
         if (self.fitted is None or self.steps % self.refit_every == 0) and self._fit_due():
             started = self.clock()
             self.fitted = self.costs.fit() or self.fitted
-            self._planned_seconds = {}
+            self._planned_seconds, self._expected = {}, {}
             if self.fitted is not None:
                 self.admission = self._admission_cost(self.fitted)
                 cautious = self.fitted.cautious(self.caution)
@@ -1180,7 +1223,7 @@ class AutoK:
     def _admission_cost(self, fitted: StepTimes) -> np.ndarray | None:
         if fitted.draft_prefill is None or self._tokens[1] <= 0:  # not priced, or no output yet
             return None
-        price = self.draft_cost.price()
+        price = self.draft_cost.price()  # the drafter's clock: the engine's time, now
         per_prefill = fitted.draft_prefill[fitted.index(np.arange(self.max_batch + 1))] \
-            if price is None else np.full(self.max_batch + 1, price)
+            if price is None else np.full(self.max_batch + 1, price / self.pace)
         return per_prefill * self._tokens[0] / self._tokens[1]

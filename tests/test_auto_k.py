@@ -1602,3 +1602,29 @@ def test_vllms_lookup_follows_every_table_and_is_written_only_when_it_changes():
     # calibration hands out a new table every step; after it most steps reuse the last one
     assert all(seen[:ctl.auto.calibration_steps - 1])
     assert sum(seen[ctl.auto.calibration_steps:]) < ctl.auto.calibration_steps / 2
+
+
+def test_a_slow_moment_of_the_whole_engine_does_not_make_drafting_look_cheap():
+    # One request: k = 0 at 3 ms, k = 4 at 10 ms emitting about 2.8 tokens (3.6 ms a token),
+    # so k = 0. Then the machine slows by 30 % for a while, and only k = 0 runs: its latest
+    # steps at 3.9 ms against k = 4's level from before would make k = 4 look cheaper (on a
+    # 2-core CPU the table drafted so, losing 10-15 % a token). Kept at the engine's pace,
+    # the k = 0 level stays where k = 4's was measured.
+    rng = random.Random(0)
+    auto = AutoK(k_max=4, max_batch=1, calibration_steps=0, price_admission=True)
+
+    def step(k, seconds):
+        accepted = [sum(1 for _ in iter(lambda: rng.random() < 0.7, False))] if k else []
+        accepted = [min(a, k) for a in accepted]
+        auto.observe(1, k, 0, seconds * rng.uniform(0.98, 1.02), [k] if k else [], accepted,
+                     1 + sum(accepted))
+        auto.next_table()
+
+    for i in range(320):
+        step(0 if (i // 20) % 2 == 0 else 4, 0.003 if (i // 20) % 2 == 0 else 0.010)
+    assert auto.table[1] == 0 and auto.pace == pytest.approx(1.0, abs=0.03)
+    for _ in range(100):
+        step(0, 0.0039)
+    assert auto.pace > 1.2
+    assert auto.fitted.times[0, 0] == pytest.approx(0.003, rel=0.07)  # (3.9 ms unpaced)
+    assert auto.table[1] == 0

@@ -212,8 +212,9 @@ class AutoKController:
         if log:
             self._last_log = now
             fitted = self.auto.fitted
+            pace = self.auto.pace
             costs = "uncalibrated" if fitted is None else [
-                round(float(t) * 1e3, 2)
+                round(float(t) * pace * 1e3, 2)
                 for t in fitted.step_time(batch, np.arange(self.auto.k_max + 1))]
             measured = "n/a" if fitted is None or fitted.measured is None else \
                 np.flatnonzero(fitted.measured[fitted.index(batch)]).tolist()
@@ -223,7 +224,8 @@ class AutoKController:
             logger.info(
                 "LVSpec auto k: batch %d -> k %d (rows that would draft %.2f); alpha at this "
                 "batch over an output, at the last fit %s; step ms by k at this batch, all "
-                "rows drafting %s (standard errors %s; measured near it: k %s); output tokens "
+                "rows drafting %s at the engine's pace now, %.2f of the fit's (standard "
+                "errors %s; measured near it: k %s); output tokens "
                 "per request %s; draft prefill per output token when drafting, ms %s "
                 "(drafter's clock: us per prompt token %s, %d passes); explorations' cost "
                 "%.1f %% of the time, at the load's batch size %d %s (budget %.1f %%, where the "
@@ -233,7 +235,7 @@ class AutoKController:
                 batch, self.last_k, self.auto.share,
                 "n/a" if self.auto.alpha is None else
                 [round(float(a), 2) for a in self.auto.alpha[min(batch, self.max_batch)]],
-                costs, spread, measured,
+                costs, pace, spread, measured,
                 "n/a" if per_request is None else round(per_request, 1),
                 "n/a" if admission is None else round(float(admission[batch]) * 1e3, 3),
                 "n/a" if price is None else round(price * 1e6, 2), self.auto.draft_cost.count,
