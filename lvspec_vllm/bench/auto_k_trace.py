@@ -173,8 +173,11 @@ def drafting_rows(lines: list[list]) -> dict[tuple[int, int], tuple[int, float, 
 
 def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict:
     """The trace's samples fed to ``StepCostModel`` as the controller kept them (a step at the
-    previous step's k, its share of drafting rows), and its levels at ``batch`` after the last
-    one, beside the median of the whole decode-only steps kept at that batch size per k.
+    previous step's k, its share of drafting rows, not the first decode-only step at its k),
+    and its levels at ``batch`` after the last one, beside the median of the whole decode-only
+    steps kept at that batch size per k. Unlike the controller's, in the seconds the steps took,
+    not at the engine's pace (``AutoK.pace``: a fit's levels are needed to read it), and with
+    no dip rule (``AutoK.transient_decay``).
     ``own_samples`` (None: the model's default) is ``StepCostModel.own_samples``; a huge one
     gives the regression alone."""
     import numpy as np
@@ -185,11 +188,14 @@ def refit(lines: list[list], batch: int, own_samples: int | None = None) -> dict
     max_batch = max(row[0] for row in lines)
     extra = {} if own_samples is None else {"own_samples": own_samples}
     model = StepCostModel(k_max, max_batch, split_prefill=True, guess=False, **extra)
+    ran = set()  # the k of the decode-only steps sampled (AutoK._ran_before)
     for row in lines:
         b, k, p, seconds, previous = row[:5]
         share = row[5] if len(row) > 5 and row[5] is not None else 1.0
-        if seconds is not None and k == previous:
+        if seconds is not None and k == previous and (p or k in ran):
             model.add(b, k, seconds, p, share)
+        elif seconds is not None and k == previous:
+            ran.add(k)
     fitted = model.fit()
     medians = {k: float(np.median(t)) for k, t in model.own_steps(batch).items()}
     return {"levels_ms": [round(1e3 * float(t), 2) for t in fitted.times[fitted.index(batch)]],
