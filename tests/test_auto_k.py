@@ -1384,6 +1384,16 @@ def test_the_cold_engine_prints_k_per_window(capsys):
     assert [line.split(":")[0] for line in lines] == ["steps 0-299", "steps 300-599"]
 
 
+def test_the_cold_engine_over_seeds_prints_each_and_their_mean(capsys):
+    cold_engine.main(["--steps", "300", "--last", "100", "--seeds", "1-2", "--alpha", "0.02"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["seed 1", "seed 2"]
+    ratios = [float(line.split(" at ")[1].split("x")[0]) for line in lines[:2]]
+    assert lines[2].startswith("2 seeds: mean ")
+    assert float(lines[2].split("mean ")[1].split("x")[0]) == pytest.approx(sum(ratios) / 2,
+                                                                            abs=1e-4)
+
+
 class _Flat:
     """Step times by k alone, the same at every batch size: a drafting step's fixed part (as
     on a 2-core CPU, where it costs more than the plain step) and a little per drafted token."""
