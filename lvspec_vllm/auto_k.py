@@ -30,6 +30,9 @@ work is the same whatever k). A level with at least ``own_samples`` whole decode
 grid point's own batch size is the median of the latest ``own_samples`` of them instead: the
 slope assumes the neighbouring batch sizes ran under the same load, which at the edges of a
 load level they did not, a step's noise only ever slows it, and the engine's speed drifts.
+The engine's first decode step at each k is no sample (one-off costs), and samples are kept
+divided by the engine's pace (``AutoK.pace``), so that a k measured before a slow moment of the
+whole machine compares with a k = 0 measured in it.
 No shape in k is assumed: a verify pass is flat in its rows until it turns compute-bound,
 and a k = 0 step may or may not run a draft forward (vLLM's proposer runs one to keep the
 draft's KV cache in step; ``draft_catch_up`` defers it). A k without
@@ -842,14 +845,17 @@ class AutoK:
     # 3.5 at a load of one, and the fit read drafting as paying at one request after that
     # load. A load that settles at a smaller batch size is sampled again within twenty steps.
     transient_decay = 0.95
-    # The engine's pace: the decayed mean (by this per sample, about twenty) of the decode-only
-    # samples' seconds over the last fit's level for their batch size, k and share. Samples are
+    # The engine's pace: the decayed mean (by this per sample, about five) of the whole
+    # decode-only samples' seconds over the last fit's level for their batch size and k, where
+    # that level is the median of the batch size's own steps (``_own_level``). Samples are
     # kept divided by the pace when they ran, so that levels measured minutes apart compare as
     # if measured together: where the table's k is 0, a k > 0 is measured only by explorations,
     # and a machine that slows for a while (on a 2-core CPU the k = 0 and k = 4 steps at one
     # request both ran 25 % slower for the first few hundred steps of some servers, and after
     # a load of four) made k = 0, measured in the slow moment, look dear against k > 0 levels
-    # measured before it: the table drafted where it lost 10-15 % a token.
+    # measured before it: the table drafted where it lost 10-15 % a token. Faster than the
+    # levels' own window (the latest 16 steps), or a slowdown leaks into them as the pace
+    # catches up (at 0.95, half of a 30 % one did).
     pace_decay = 0.8
     # a k > 0 is chosen only if it pays with its step costs this many standard errors above
     # the fit (StepTimes.cautious)
