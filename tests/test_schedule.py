@@ -155,5 +155,8 @@ def test_auto_k_with_cold_requests_times_the_drafts_passes(base, tmp_path):
     (w,) = run["workers"]
     print(core, w)
     assert 0 < core["auto_k_draft_passes"] <= w["drafter_propose_calls"]
-    assert core["auto_k_draft_prompt_token_seconds"] > 0
+    # the price is published (its value is not asserted here: from the ten or so passes of
+    # this short run a tiny draft's prompt tokens can read free, a median residual of 0, on a
+    # noisy machine, as one CI run did; test_auto_k prices known pass timings)
+    assert "auto_k_draft_prompt_token_seconds" in core
     assert w["draft_tokens"] == run["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0
