@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 
 from lvspec_vllm.auto_k import AutoK, WarmRequests, decode_share
 from lvspec_vllm.drafter.cold import ColdRequests
 from lvspec_vllm.drafter.lag import Row
+from lvspec_vllm.testing.roofline import seed_range
 
 
 def run(auto: AutoK, steps: int = 4000, concurrency: int = 4,
@@ -139,7 +141,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plain-slow-until", type=int, default=0,
                     help="before this step a step in which no row drafts takes 2x")
     ap.add_argument("--seed", type=int, default=9)
-    ap.add_argument("--seeds", type=_seeds, default=None, metavar="LO-HI",
+    ap.add_argument("--seeds", type=seed_range, default=None, metavar="LO-HI",
                     help="run each seed and print the last steps' goodput against never drafting")
     ap.add_argument("--last", type=int, default=1000, help="with --seeds: the steps read")
     ap.add_argument("--explore-budget", type=float, default=AutoK.explore_budget,
@@ -148,10 +150,7 @@ def main(argv=None) -> None:
     if args.seeds is not None:
         _over_seeds(args)
         return
-    auto = AutoK(4, 4, price_admission=True)
-    auto.explore_budget = args.explore_budget
-    scene = dict(alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap,
-                 slow_until=args.slow_until, seed=args.seed)
+    auto, scene = _controller(args), _scene(args, args.seed)
     seen = run(auto, args.steps, plain_slow_until=args.plain_slow_until, **scene)
     # (the engine that never drafts runs no slow moment of steps without drafts: against it
     # the windows after the moment read what drafting there cost)
@@ -168,26 +167,29 @@ def main(argv=None) -> None:
               f"never drafting)")
 
 
-def _seeds(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
+def _controller(args) -> AutoK:
+    auto = AutoK(4, 4, price_admission=True)
+    auto.explore_budget = args.explore_budget
+    return auto
+
+
+def _scene(args, seed: int) -> dict:
+    return dict(alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap,
+                slow_until=args.slow_until, seed=seed)
 
 
 def _over_seeds(args) -> None:
     ratios = []
     for seed in args.seeds:
-        auto = AutoK(4, 4, price_admission=True)
-        auto.explore_budget = args.explore_budget
-        scene = dict(alpha=args.alpha, draft_fixed=args.draft_fixed, gap=args.gap,
-                     slow_until=args.slow_until, seed=seed)
+        auto, scene = _controller(args), _scene(args, seed)
         seen = run(auto, args.steps, plain_slow_until=args.plain_slow_until, **scene)
         never = run(NeverDrafts(), args.steps, **scene)
         ratios.append(tokens_per_second(seen[-args.last:])
                       / tokens_per_second(never[-args.last:]))
         print(f"seed {seed}: the last {args.last} steps at {ratios[-1]:.4f}x never drafting, "
               f"k chosen at the end {auto.table[4]}")
-    mean = sum(ratios) / len(ratios)
-    sd = (sum((r - mean) ** 2 for r in ratios) / max(len(ratios) - 1, 1)) ** 0.5
+    mean = statistics.fmean(ratios)
+    sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
     print(f"{len(ratios)} seeds: mean {mean:.4f}x, standard deviation {sd:.4f}, "
           f"{min(ratios):.4f}-{max(ratios):.4f}")
 

@@ -70,7 +70,8 @@ def ramp(alpha: float, seed: int = 3, auto: AutoK | None = None, steps: int = 30
     return auto, engine, ratios, samples
 
 
-def _seeds(text: str) -> list[int]:
+def seed_range(text: str) -> list[int]:
+    """``LO-HI`` (or one seed) as the seeds it names: the ``--seeds`` of the testing CLIs."""
     lo, _, hi = text.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
 
@@ -78,7 +79,7 @@ def _seeds(text: str) -> list[int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.8, 0.95])
-    ap.add_argument("--seeds", type=_seeds, default=_seeds("3"), help="one or LO-HI")
+    ap.add_argument("--seeds", type=seed_range, default=seed_range("3"), help="one or LO-HI")
     args = ap.parse_args(argv)
     for alpha in args.alpha:
         worst = []
