@@ -621,6 +621,7 @@ class DraftPassCost:
         self.decay = decay
         self.min_weight = min_weight
         self.count = 0
+        self._ready = False
 
     def _row(self, k: int, rows: int, other: int) -> np.ndarray:
         x = np.zeros(len(self._xty))
@@ -634,11 +635,13 @@ class DraftPassCost:
         k = min(k, self.k_max)
         if prompt > 0:
             self._prompted.append((k, x, prompt, seconds))
-            return
-        self._xtx = self._xtx * self.decay + np.outer(x, x)
-        self._xty = self._xty * self.decay + x * seconds
-        self._k_weight *= self.decay
-        self._k_weight[k] += 1.0
+        else:
+            self._xtx = self._xtx * self.decay + np.outer(x, x)
+            self._xty = self._xty * self.decay + x * seconds
+            self._k_weight *= self.decay
+            self._k_weight[k] += 1.0
+        weight, least = self._k_weight, self.min_weight
+        self._ready = any(weight[c[0]] >= least for c in self._prompted)
 
     def _priced(self) -> list[tuple[int, np.ndarray, int, float]]:
         # calls with prompt tokens at a k whose level was measured without them
@@ -646,10 +649,9 @@ class DraftPassCost:
 
     @property
     def ready(self) -> bool:
-        """A call with prompt tokens was timed at a k measured without them too (asked every
-        step: stops at the first such call)."""
-        weight, least = self._k_weight, self.min_weight
-        return any(weight[c[0]] >= least for c in self._prompted)
+        """A call with prompt tokens was timed at a k measured without them too (kept by
+        ``add``: the scheduler's hook asks every step)."""
+        return self._ready
 
     def price(self) -> float | None:
         """Seconds per prompt token, or None until ``ready``."""

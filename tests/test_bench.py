@@ -98,7 +98,7 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
          "--draft", str(tiny_models / "qwen25vl_aligned"), "--modes", "none,lvspec-auto",
          "--concurrency", "1,4", "--requests-per-level", "2", "--max-tokens", "8", "--ramp",
          "--repeat", "2", "--interleave", "--server-env", "VLLM_ENABLE_V1_MULTIPROCESSING=0",
-         "--out", str(out)],
+         "--warmup-requests", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
@@ -117,6 +117,11 @@ def test_serve_sweep_measures_throughput_per_concurrency(tiny_models, tmp_path):
         starts = [[lv["started"] for lv in levels] for levels in rounds]
         for j in range(2):
             assert max(s[j] for s in starts) < min(s[j + 1] for s in starts), starts
+        # each server answered its warm-up requests before the levels, kept apart
+        for m in runs:
+            done = json.loads((out / f"serve-{m}-r{i}.json").read_text())
+            assert done["warmup"]["requests"] == 3 and done["warmup"]["output_tokens"] == 24
+            assert done["warmup"]["started"] < done["levels"][0]["started"]
     # each round's speedup over none at a level, and their median
     for lv in runs["lvspec-auto"]["levels"]:
         assert len(lv["speedup_runs"]) == 2 and lv["speedup"] > 0

@@ -220,6 +220,9 @@ def main(argv=None) -> None:
     srv.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")],
                      default=[1, 4, 16, 64])
     srv.add_argument("--requests-per-level", type=int, default=2)
+    srv.add_argument("--warmup-requests", type=int, default=2,
+                     help="requests each server answers, two at a time, before the levels "
+                          "(not measured; with auto_k they run its calibration)")
     srv.add_argument("--k", type=int, default=4)
     srv.add_argument("--schedule", default=None, help="vLLM's per-batch-size k, JSON")
     srv.add_argument("--lvspec-options", default="{}")

@@ -2,7 +2,7 @@
 
     lvspec-bench serve --target DIR --draft DIR [--modes none,strict,lvspec,lvspec-auto]
                        [--concurrency 1,4,16,64] [--requests-per-level 2] [--k 4]
-                       [--schedule JSON] [--repeat 1] [--interleave]
+                       [--schedule JSON] [--repeat 1] [--interleave] [--warmup-requests 2]
                        [--server-args ARGS] [--server-env KEY=VALUE ...] --out DIR
 
 For each mode one server is started; for each concurrency level, ``requests-per-level x
@@ -13,7 +13,10 @@ tokens, the draft's own seconds (its share of the level's wall time) and the ste
 and under ``auto_k`` the steps per chosen k; vLLM's latency histograms give per level where a
 request's time went, and by Little's law how many requests were inside vLLM on average; the
 CPU seconds of the client and of the server's processes (API server, engine core, worker) give
-where the level's CPU went. With ``--ramp`` the levels run up and back down
+where the level's CPU went. Each server first answers ``--warmup-requests`` requests, two at
+a time, which are not measured (their throughput is kept in the mode's JSON as ``warmup``):
+one-off costs, and with ``auto_k`` its calibration (48 engine steps), which a server that runs
+for hours pays once. With ``--ramp`` the levels run up and back down
 (1, 4, 16, 64, 16, 4, 1) on one server, which is how a collapse at a threshold would show. With
 ``--repeat N`` the modes run N times in turns and each level reports the median and the range,
 and its speedup over none as the median of each round's ratio. With ``--interleave`` every
@@ -124,16 +127,18 @@ def mode_server(mode: str, args, urls: list[str], out: Path, tag: str = ""):
     env = dict(item.split("=", 1) for item in args.server_env)
     with vllm_server(args.target, spec, log_path=out / f"serve-{mode}{tag}.log",
                      extra_args=extra, env=env) as srv:
-        # warm-up: first requests pay one-off costs (media decoding paths, allocator growth)
-        asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, 2, args.max_tokens))
-        yield srv, spec
+        # warm-up: first requests pay one-off costs (media decoding paths, allocator growth;
+        # with auto_k its calibration, 48 engine steps, and first fits); kept, not measured
+        warmup = asyncio.run(_level(srv.base_url, SERVED_NAME, urls, 2, args.warmup_requests,
+                                    args.max_tokens))
+        yield srv, spec, warmup
 
 
 def run_mode(mode: str, args, urls: list[str], out: Path, tag: str = "") -> dict:
     """Every level on one server of this mode."""
-    with mode_server(mode, args, urls, out, tag) as (srv, spec):
+    with mode_server(mode, args, urls, out, tag) as (srv, spec, warmup):
         results = [_measured_level(srv, args, urls, mode, c) for c in _levels(args)]
-    return {"mode": mode, "speculative_config": spec, "levels": results}
+    return {"mode": mode, "speculative_config": spec, "warmup": warmup, "levels": results}
 
 
 def run_interleaved(modes: list[str], args, urls: list[str], out: Path, tag: str = "",
@@ -149,8 +154,8 @@ def run_interleaved(modes: list[str], args, urls: list[str], out: Path, tag: str
             shift = (j + turn) % len(modes)
             for m in modes[shift:] + modes[:shift]:
                 results[m].append(_measured_level(servers[m][0], args, urls, m, c))
-    return {m: {"mode": m, "speculative_config": servers[m][1], "levels": results[m]}
-            for m in modes}
+    return {m: {"mode": m, "speculative_config": servers[m][1], "warmup": servers[m][2],
+                "levels": results[m]} for m in modes}
 
 
 def _measured_level(srv, args, urls: list[str], mode: str, c: int) -> dict:
@@ -401,7 +406,8 @@ def main(args) -> None:
     runs = [median_run(reps[m], reps.get("none")) for m in modes]
     header = (f"`vllm serve` on 127.0.0.1: target `{args.target}`, draft `{args.draft}`, "
               f"k={args.k}, {args.requests_per_level} x concurrency requests per level, "
-              f"{args.max_tokens} output tokens each (greedy), dtype {args.dtype}")
+              f"{args.max_tokens} output tokens each (greedy), dtype {args.dtype}, after "
+              f"{args.warmup_requests} warm-up requests per server")
     if args.repeat > 1:
         header += (f"; each mode {args.repeat} times, in turns"
                    f"{' at every level' if args.interleave else ''}, median [range] per level, "

@@ -37,6 +37,7 @@ import torch
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from lvspec_vllm.drafter.compat import proposer_hook_problems
+from lvspec_vllm.drafter.lag import Row, chunks  # per step: not imported in the step loop
 from lvspec_vllm.drafter.positions import draft_mrope_positions, sequence_positions
 from lvspec_vllm.drafter.timing import StepTimer
 from lvspec_vllm.drafter.vision import DraftVision, Window
@@ -188,8 +189,6 @@ class LVSpecDrafter(DraftModelProposer):
         self._last_draft_probs = None
 
     def _rows(self, batch: int, query_start_loc: list[int]):
-        from lvspec_vllm.drafter.lag import Row
-
         runner, qsl, rows = self.runner, query_start_loc, []
         for i, req_id in enumerate(runner.input_batch.req_ids[:batch]):
             state = runner.requests[req_id]
@@ -279,8 +278,15 @@ class LVSpecDrafter(DraftModelProposer):
         if self.cold is None:
             return lag.plan(rows, k)
         self.cold.forget(self.runner.requests)
-        table = self._block_table().block_table.np
-        cold = self.cold.step(rows, k, lambda i, n: table[i, :n].tolist())
+        table = None  # looked up only if blocks are marked or checked (not in most steps)
+
+        def block_ids(i: int, n: int) -> list[int]:
+            nonlocal table
+            if table is None:
+                table = self._block_table().block_table.np
+            return table[i, :n].tolist()
+
+        cold = self.cold.step(rows, k, block_ids)
         warm = [i for i, c in enumerate(cold) if not c]
         for i, c in enumerate(cold):
             if c and rows[i].req_id in lag.pending:  # turned cold: its deferred pass is moot
@@ -289,8 +295,6 @@ class LVSpecDrafter(DraftModelProposer):
         return [warm[j] for j in run], [warm[j] for j in wait]
 
     def _propose_catching_up(self, k: int, kwargs):
-        from lvspec_vllm.drafter.lag import chunks
-
         cad = kwargs["common_attn_metadata"]
         lag, batch = self.lag, cad.batch_size()
         if k > 0 and not lag.pending and self.cold is None:
