@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -70,7 +71,8 @@ class AutoKController:
         self.last_k = k_max
         self._priced = False
         self._applied: list[int] | None = None  # the table last written to vLLM's lookup
-        self._last_log = self._last_publish = time.monotonic()
+        self._last_log = self._last_publish = time.perf_counter()
+        self._next_report = self._last_log  # when _report has something to do (after_step)
         directory = os.environ.get(metrics.ENV)
         self._path = Path(directory) / f"core-{os.getpid()}.json" if directory else None
         trace = os.environ.get(TRACE_ENV)
@@ -141,7 +143,8 @@ class AutoKController:
         prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
             - len(decode_rows)
         # the share of the decode rows that drafted (cold requests do not); None: no sample
-        share = decode_share(k, self.last_k, decode_rows, self.cold)
+        share = 1.0 if k == 0 == self.last_k else \
+            decode_share(k, self.last_k, decode_rows, self.cold)
         seconds = None if share is None else elapsed
         emitted = sum(map(len, model_runner_output.sampled_token_ids))
         if self._trace is not None:
@@ -150,11 +153,13 @@ class AutoKController:
                                           share, elapsed, planned, warm_share,
                                           emitted]) + "\n")
         passes = draft_passes(model_runner_output)
-        self.auto.observe_draft(passes)
+        if passes:
+            self.auto.observe_draft(passes)
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
                           1.0 if share is None else share, elapsed=elapsed,
                           admitted=len(scheduler_output.scheduled_new_reqs),
-                          draft_seconds=sum(p[-1] for p in passes), warm_share=warm_share,
+                          draft_seconds=sum(p[-1] for p in passes) if passes else 0.0,
+                          warm_share=warm_share,
                           running=None if warm_share is None else len(running),
                           positions=at)
         # publish at once what a short run must show: a k chosen for the first time, the
@@ -170,7 +175,8 @@ class AutoKController:
         # the controller's own time (its fits included) against the engine's: its overhead
         self.own_seconds += end - now
         self.engine_seconds += elapsed or 0.0
-        self._report(batch, publish=publish)
+        if publish or end >= self._next_report:  # (the hook's clock, read once a step)
+            self._report(batch, publish=publish)
 
     def _apply(self, scheduler, table: list[int]) -> None:
         # AutoK hands back the same list until a fit, a share or an exploration changes it:
@@ -183,10 +189,14 @@ class AutoKController:
         self._applied = table
 
     def _report(self, batch: int, publish: bool) -> None:
-        now = time.monotonic()
+        now = time.perf_counter()
         publish = self._path is not None and (
             publish or now - self._last_publish >= metrics.PUBLISH_INTERVAL_S)
         log = now - self._last_log >= _LOG_INTERVAL_S
+        self._next_report = min(
+            (now if log else self._last_log) + _LOG_INTERVAL_S,
+            (now if publish else self._last_publish) + metrics.PUBLISH_INTERVAL_S
+            if self._path is not None else math.inf)
         if not (publish or log):
             return
         price = self.auto.draft_cost.price()  # a small solve: once, and only when reported
