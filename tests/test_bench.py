@@ -436,3 +436,29 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
                   "AutoK.next_table", "WarmRequests.step", "ColdRequests.step"):
         assert auto["seconds"][phase] > 0, phase
     assert auto["seconds"]["AutoK.observe"] < auto["seconds"]["AutoKController.after_step"]
+
+
+def test_hook_ab_switches_auto_k_inside_one_engine(tmp_path):
+    """The world pair (committed): one engine, blocks of requests with auto_k's controller on,
+    on without explorations, and detached (the k = 0 engine), each arm's tokens/s over the
+    detached block of its turn."""
+    out = tmp_path / "hook_ab.json"
+    world = "lvspec_vllm/world/checkpoints"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.hook_ab", "--target", f"{world}/target",
+         "--draft", f"{world}/draft", "--turns", "2", "--requests", "4", "--max-tokens", "6",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    blocks = json.loads(out.read_text())["blocks"]
+    # every arm once a turn, in an order that rotates
+    assert [b["arm"] for b in blocks] == ["auto", "no-explore", "k0", "no-explore", "k0", "auto"]
+    assert all(b["output_tokens"] == 4 * 6 for b in blocks)
+    for b in blocks:
+        if b["arm"] == "k0":  # detached: the controller saw no step
+            assert b["controller_s"] == 0 and b["steps_by_k"] == {}
+        else:
+            assert b["controller_s"] > 0 and sum(b["steps_by_k"].values()) > 0
+    for arm in ("auto", "no-explore", "k0"):
+        assert f"| {arm} |" in proc.stdout
+    assert "| k0 | 1.000x" in proc.stdout

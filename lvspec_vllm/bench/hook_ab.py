@@ -1,0 +1,141 @@
+"""What ``auto_k`` costs inside one engine: its controller on, on without explorations, and off.
+
+    python -m lvspec_vllm.bench.hook_ab --target DIR --draft DIR [--max-num-seqs 1]
+        [--turns 8] [--requests 16] [--max-tokens 32] [--out FILE]
+
+Between two servers of the same mode, or two engine processes, throughput on a 2-core CPU
+differs by 10-30 % (``lvspec-bench serve``, ``step_phases``): a few per cent between modes
+needs dozens of rounds there. Here one ``vllm.LLM`` (``auto_k`` with cold requests, the model
+in the engine core's process) runs blocks of ``--requests`` greedy requests, and between blocks
+the scheduler's hook is switched between three arms, in an order that rotates from turn to turn:
+
+- ``auto``: the controller as it ships;
+- ``no-explore``: the same with its explorations off (a negative budget), so that the
+  controller's per-step work is measured apart from what its explorations cost;
+- ``k0``: the hook detached and vLLM's k table at 0: the k = 0 engine with cold requests
+  (``lvspec-schedule-cold``), in the same process, caches and memory layout.
+
+The engine is warmed up first (four passes over the videos: calibration and the first fits).
+Printed: each block's output tokens/s, and per arm the geometric mean over turns of its
+block's tokens/s over the ``k0`` block of the same turn, with a 95 % interval (Student's t),
+the controller's own share of the wall time and the steps per k in that arm's blocks.
+The hook is switched through the plugin's own attributes (``patches/scheduler.py``), which is
+what this module may touch and a user's engine never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+ARMS = ("auto", "no-explore", "k0")
+
+
+def _switch(scheduler, controller, arm: str, budget: float) -> None:
+    """Set the next block's arm: the controller attached (its budget as shipped, or negative:
+    no exploration starts), or detached with vLLM's k table at 0 (the k = 0 engine)."""
+    if arm == "k0":
+        scheduler.__dict__["_lvspec_auto_k"] = None
+        scheduler.dynamic_sd_lookup[1:] = [0] * (len(scheduler.dynamic_sd_lookup) - 1)
+        return
+    controller.auto.explore_budget = budget if arm == "auto" else -1.0
+    scheduler.__dict__["_lvspec_auto_k"] = controller
+    controller.last_end = None  # the detached block's time is no step of the controller's
+    controller._applied = None  # rewrite vLLM's lookup from the controller's table
+    controller._apply(scheduler, controller.auto.table)
+
+
+def run(args) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import lvspec_vllm
+
+    lvspec_vllm.register()
+    from vllm import LLM, SamplingParams
+
+    from lvspec_vllm.world import data, scenes
+
+    llm = LLM(model=args.target, dtype="float32", max_model_len=1024, seed=0,
+              max_num_seqs=args.max_num_seqs, enforce_eager=True,
+              limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False,
+              speculative_config={"method": "lvspec", "model": args.draft,
+                                  "num_speculative_tokens": 4, "loose": True, "auto_k": True,
+                                  "draft_cold_requests": True})
+    prompt = data.chat_prompt("Describe this video.")
+    videos = [{"prompt": prompt,
+               "multi_modal_data": {"video": (scenes.render(s), scenes.video_metadata())}}
+              for s in data.held_out(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate(videos * 4, params, use_tqdm=False)  # calibration and the first fits
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    controller = scheduler.__dict__["_lvspec_auto_k"]
+    budget = controller.auto.explore_budget
+    block = (videos * (args.requests // len(videos) + 1))[:args.requests]
+    blocks = []
+    for turn in range(args.turns):
+        order = ARMS[turn % 3:] + ARMS[:turn % 3]
+        for arm in order:
+            _switch(scheduler, controller, arm, budget)
+            own, steps = controller.own_seconds, dict(controller.steps_by_k)
+            t0 = time.perf_counter()
+            outs = llm.generate(block, params, use_tqdm=False)
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            blocks.append({
+                "turn": turn, "arm": arm, "output_tokens": tokens, "elapsed_s": elapsed,
+                "controller_s": controller.own_seconds - own,
+                "steps_by_k": {k: n - steps.get(k, 0) for k, n in controller.steps_by_k.items()
+                               if n - steps.get(k, 0)}})
+            print(f"[hook_ab] turn {turn} {arm}: {tokens / elapsed:.1f} tokens/s", flush=True)
+    _switch(scheduler, controller, "auto", budget)
+    return {"max_num_seqs": args.max_num_seqs, "requests": args.requests,
+            "max_tokens": args.max_tokens, "blocks": blocks}
+
+
+def summary(result: dict) -> str:
+    from lvspec_vllm.bench.paired import ratio_interval
+
+    by = {(b["turn"], b["arm"]): b for b in result["blocks"]}
+    turns = sorted({b["turn"] for b in result["blocks"]})
+    lines = [f"| arm, {result['max_num_seqs']} at a time | tokens/s over k0's, same turn "
+             f"| controller's own share of the wall time | steps by k |", "|---|---|---|---|"]
+    for arm in ARMS:
+        mine = [by[t, arm] for t in turns]
+        ratios = [(b["output_tokens"] / b["elapsed_s"])
+                  / (by[t, "k0"]["output_tokens"] / by[t, "k0"]["elapsed_s"])
+                  for t, b in zip(turns, mine)]
+        mean, lo, hi = ratio_interval(ratios)
+        share = sum(b["controller_s"] for b in mine) / sum(b["elapsed_s"] for b in mine)
+        ks: dict = {}
+        for b in mine:
+            for k, n in b["steps_by_k"].items():
+                ks[k] = ks.get(k, 0) + n
+        reading = f"{mean:.3f}x" if lo != lo else f"{mean:.3f}x [{lo:.3f}-{hi:.3f}]"
+        lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {dict(sorted(ks.items()))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--max-num-seqs", type=int, default=1)
+    ap.add_argument("--turns", type=int, default=8, help="each arm's blocks")
+    ap.add_argument("--requests", type=int, default=16, help="requests per block")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default=None, help="JSON with every block")
+    args = ap.parse_args(argv)
+    if args.turns < 1 or args.requests < 1:
+        ap.error("--turns and --requests take a positive count")
+    result = run(args)
+    print(summary(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
