@@ -432,6 +432,7 @@ class StepCostModel:
         self._rows = np.zeros((len(self.grid), k_max + 1, window, 6))
         self._added = np.zeros((len(self.grid), k_max + 1), dtype=int)
         self._count = 0
+        self._pending: list[tuple] = []  # samples added since the rows were last read
         # older samples weigh less (halved every half_life samples): the engine's speed drifts,
         # and a k measured once in a slow moment must not speak for it for ever
         self.half_life = half_life
@@ -449,6 +450,7 @@ class StepCostModel:
         self._dirty = np.zeros(n, dtype=bool)
 
     def _bucket(self, g: int) -> np.ndarray:
+        self._flush()
         kept = np.arange(self._rows.shape[2]) < self._added[g][:, None]
         return self._rows[g][kept]
 
@@ -472,13 +474,20 @@ class StepCostModel:
         docstring; a step at k > 0 with share 0 is no sample)."""
         if k and share <= 0:  # all rows cold: neither a k = 0 step nor one that drafted
             return
-        g = self._grid_index[min(max(batch, 1), len(self._grid_index) - 1)]
-        k = min(k, self.k_max)
-        self._rows[g, k, self._added[g, k] % self._rows.shape[2]] = (batch, k, prefill, seconds,
-                                                                     self._count, share)
-        self._added[g, k] += 1
-        self._count += 1
-        self._dirty[g] = True
+        # kept as a tuple until read (_flush): this runs in the engine's step loop, where a
+        # write into the numpy rows cost several times what an append does
+        self._pending.append((batch, min(k, self.k_max), prefill, seconds, share))
+
+    def _flush(self) -> None:
+        rows, added, window = self._rows, self._added, self._rows.shape[2]
+        last = len(self._grid_index) - 1
+        for batch, k, prefill, seconds, share in self._pending:
+            g = self._grid_index[min(max(batch, 1), last)]
+            rows[g, k, added[g, k] % window] = (batch, k, prefill, seconds, self._count, share)
+            added[g, k] += 1
+            self._count += 1
+            self._dirty[g] = True
+        self._pending.clear()
 
     def _own_medians(self, bucket: np.ndarray, b0: float,
                      level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -509,6 +518,7 @@ class StepCostModel:
 
     def fit(self) -> StepTimes | None:
         """None until some batch size has samples at two or more k."""
+        self._flush()
         if np.minimum(self._added, self._rows.shape[2]).sum() < self.min_samples:
             return None
         ks = np.arange(self.k_max + 1)
@@ -1139,14 +1149,17 @@ class AutoK:
             self.fit_seconds, self._since_fit = self.clock() - started, 0.0
             self.fits += 1
         if self._choice is not None:
-            q = round(self._shared() * self.SHARES)
-            self.table = self._table_at(q)
+            # (``_shared`` and ``load_size``, inline: this runs every step)
+            q = math.floor(self.share * self.SHARES + 1e-9) if self.price_admission \
+                else self.SHARES
+            table = self._tables.get(q)
+            self.table = table if table is not None else self._table_at(q)
             if q < self.SHARES and self.running is not None:
                 # a batch size above the running requests' admits some: whether they draft
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
                 # pays once every row drafts, if whole steps draft at the load's batch size
                 # too (see the module docstring); below, the k that pays at the running share
-                load = self.load_size()
+                load = self._load_size
                 key = (q, self.running, load)
                 if key not in self._composed:
                     top, whole = self.running + 1, self._table_at(self.SHARES)
