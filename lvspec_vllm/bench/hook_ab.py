@@ -10,7 +10,8 @@ in the engine core's process) runs blocks of ``--requests`` greedy requests, and
 the scheduler's hook is switched between three arms, in an order that rotates from turn to turn:
 
 - ``auto``: the controller as it ships;
-- ``no-explore``: the same with its explorations off (a negative budget), so that the
+- ``no-explore``: the same with its explorations off (a negative budget: none starts at a load
+  where a step was timed, and the warm-up timed them), so that the
   controller's per-step work is measured apart from what its explorations cost;
 - ``k0``: the hook detached and vLLM's k table at 0: the k = 0 engine with cold requests
   (``lvspec-schedule-cold``), in the same process, caches and memory layout.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -113,7 +115,7 @@ def summary(result: dict) -> str:
         for b in mine:
             for k, n in b["steps_by_k"].items():
                 ks[k] = ks.get(k, 0) + n
-        reading = f"{mean:.3f}x" if lo != lo else f"{mean:.3f}x [{lo:.3f}-{hi:.3f}]"
+        reading = f"{mean:.3f}x" if math.isnan(lo) else f"{mean:.3f}x [{lo:.3f}-{hi:.3f}]"
         lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {dict(sorted(ks.items()))} |")
     return "\n".join(lines)
 
