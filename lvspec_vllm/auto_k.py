@@ -1149,17 +1149,14 @@ class AutoK:
             self.fit_seconds, self._since_fit = self.clock() - started, 0.0
             self.fits += 1
         if self._choice is not None:
-            # (``_shared`` and ``load_size``, inline: this runs every step)
-            q = math.floor(self.share * self.SHARES + 1e-9) if self.price_admission \
-                else self.SHARES
-            table = self._tables.get(q)
-            self.table = table if table is not None else self._table_at(q)
+            q = round(self._shared() * self.SHARES)
+            self.table = self._table_at(q)
             if q < self.SHARES and self.running is not None:
                 # a batch size above the running requests' admits some: whether they draft
                 # is decided by that step's k (drafter/cold.py), so there it is the k that
                 # pays once every row drafts, if whole steps draft at the load's batch size
                 # too (see the module docstring); below, the k that pays at the running share
-                load = self._load_size
+                load = self.load_size()
                 key = (q, self.running, load)
                 if key not in self._composed:
                     top, whole = self.running + 1, self._table_at(self.SHARES)

@@ -143,8 +143,7 @@ class AutoKController:
         prefill = scheduler_output.total_num_scheduled_tokens - sum(decode_rows) \
             - len(decode_rows)
         # the share of the decode rows that drafted (cold requests do not); None: no sample
-        share = 1.0 if k == 0 == self.last_k else \
-            decode_share(k, self.last_k, decode_rows, self.cold)
+        share = decode_share(k, self.last_k, decode_rows, self.cold)
         seconds = None if share is None else elapsed
         emitted = sum(map(len, model_runner_output.sampled_token_ids))
         if self._trace is not None:
@@ -153,13 +152,11 @@ class AutoKController:
                                           share, elapsed, planned, warm_share,
                                           emitted]) + "\n")
         passes = draft_passes(model_runner_output)
-        if passes:
-            self.auto.observe_draft(passes)
+        self.auto.observe_draft(passes)
         self.auto.observe(batch, k, prefill, seconds, drafted, accepted, emitted,
                           1.0 if share is None else share, elapsed=elapsed,
                           admitted=len(scheduler_output.scheduled_new_reqs),
-                          draft_seconds=sum(p[-1] for p in passes) if passes else 0.0,
-                          warm_share=warm_share,
+                          draft_seconds=sum(p[-1] for p in passes), warm_share=warm_share,
                           running=None if warm_share is None else len(running),
                           positions=at)
         # publish at once what a short run must show: a k chosen for the first time, the
