@@ -438,23 +438,31 @@ def test_step_phases_times_vllms_phases_per_step(tmp_path):
     assert auto["seconds"]["AutoK.observe"] < auto["seconds"]["AutoKController.after_step"]
 
 
-def test_hook_ab_switches_auto_k_inside_one_engine(tmp_path):
+@pytest.mark.parametrize("one_by_one", [False, True], ids=["blocks", "one-by-one"])
+def test_hook_ab_switches_auto_k_inside_one_engine(tmp_path, one_by_one):
     """The world pair (committed): one engine, blocks of requests with auto_k's controller on,
     on without explorations, and detached (the k = 0 engine), each arm's tokens/s over the
-    detached block of its turn."""
+    detached block of its turn; with ``--one-by-one`` the arms take turns request by
+    request, each request submitted on an idle engine."""
     out = tmp_path / "hook_ab.json"
     world = "lvspec_vllm/world/checkpoints"
     proc = subprocess.run(
         [sys.executable, "-m", "lvspec_vllm.bench.hook_ab", "--target", f"{world}/target",
          "--draft", f"{world}/draft", "--turns", "2", "--requests", "4", "--max-tokens", "6",
-         "--out", str(out)],
+         "--out", str(out)] + (["--one-by-one"] if one_by_one else []),
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    blocks = json.loads(out.read_text())["blocks"]
-    # every arm once a turn, in an order that rotates
-    assert [b["arm"] for b in blocks] == ["auto", "no-explore", "k0", "no-explore", "k0", "auto"]
+    result = json.loads(out.read_text())
+    assert result["one_by_one"] is one_by_one
+    blocks = result["blocks"]
+    if one_by_one:  # a turn's blocks sum its requests, each arm's in turn
+        assert [b["arm"] for b in blocks] == ["auto", "no-explore", "k0"] * 2
+    else:  # every arm once a turn, in an order that rotates
+        assert [b["arm"] for b in blocks] == ["auto", "no-explore", "k0", "no-explore", "k0",
+                                              "auto"]
     assert all(b["output_tokens"] == 4 * 6 for b in blocks)
     for b in blocks:
+        assert len(b["gc"]) == 3 and b["gc_s"] >= 0
         if b["arm"] == "k0":  # detached: the controller saw no step
             assert b["controller_s"] == 0 and b["steps_by_k"] == {}
         else:

@@ -1,7 +1,7 @@
 """What ``auto_k`` costs inside one engine: its controller on, on without explorations, and off.
 
     python -m lvspec_vllm.bench.hook_ab --target DIR --draft DIR [--max-num-seqs 1]
-        [--turns 8] [--requests 16] [--max-tokens 32] [--out FILE]
+        [--turns 8] [--requests 16] [--max-tokens 32] [--one-by-one] [--out FILE]
 
 Between two servers of the same mode, or two engine processes, throughput on a 2-core CPU
 differs by 10-30 % (``lvspec-bench serve``, ``step_phases``): a few per cent between modes
@@ -16,10 +16,16 @@ the scheduler's hook is switched between three arms, in an order that rotates fr
 - ``k0``: the hook detached and vLLM's k table at 0: the k = 0 engine with cold requests
   (``lvspec-schedule-cold``), in the same process, caches and memory layout.
 
+With ``--one-by-one`` each request is submitted once the one before has finished, so that the
+engine goes idle between requests as under a single client of a server, and the arms take
+turns request by request (a turn's block per arm is the sum over its requests): the machine's
+speed drifts over seconds on a 2-core CPU, and blocks of seconds each took that drift apart.
+
 The engine is warmed up first (four passes over the videos: calibration and the first fits).
 Printed: each block's output tokens/s, and per arm the geometric mean over turns of its
 block's tokens/s over the ``k0`` block of the same turn, with a 95 % interval (Student's t),
-the controller's own share of the wall time and the steps per k in that arm's blocks.
+the controller's own share of the wall time, Python's garbage collections in the arm's blocks
+(share of the wall time, count per generation) and the steps per k in them.
 The hook is switched through the plugin's own attributes (``patches/scheduler.py``), which is
 what this module may touch and a user's engine never does.
 """
@@ -27,6 +33,7 @@ what this module may touch and a user's engine never does.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -47,6 +54,38 @@ def _switch(scheduler, controller, arm: str, budget: float) -> None:
     controller.last_end = None  # the detached block's time is no step of the controller's
     controller._applied = None  # rewrite vLLM's lookup from the controller's table
     controller._apply(scheduler, controller.auto.table)
+
+
+class _GCClock:
+    """Python's garbage collections (``gc.callbacks``): count and seconds per generation."""
+
+    def __init__(self):
+        self.count, self.seconds, self._started = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.count[g] += 1
+            self.seconds[g] += time.perf_counter() - self._started
+
+    def read(self) -> tuple[list[int], list[float]]:
+        return list(self.count), list(self.seconds)
+
+
+def _add(total: dict, part: dict) -> None:
+    """Sum one request's reading into a turn's: numbers, lists by position, dicts by key."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            merged = total.setdefault(key, {})
+            for k, n in value.items():
+                merged[k] = merged.get(k, 0) + n
+        elif isinstance(value, list):
+            total[key] = [a + b for a, b in zip(total.get(key, [0] * len(value)), value)]
+        else:
+            total[key] = total.get(key, 0) + value
 
 
 def run(args) -> dict:
@@ -76,24 +115,50 @@ def run(args) -> dict:
     controller = scheduler.__dict__["_lvspec_auto_k"]
     budget = controller.auto.explore_budget
     block = (videos * (args.requests // len(videos) + 1))[:args.requests]
+    collections = _GCClock()
+
+    def measure(arm: str, requests: list) -> dict:
+        """Run ``requests`` under ``arm``: all at once, or (``--one-by-one``) each after the
+        one before has finished, the engine idle in between as under a single client."""
+        _switch(scheduler, controller, arm, budget)
+        own, steps = controller.own_seconds, dict(controller.steps_by_k)
+        gc_count, gc_seconds = collections.read()
+        t0 = time.perf_counter()
+        if args.one_by_one:
+            outs = [llm.generate([r], params, use_tqdm=False)[0] for r in requests]
+        else:
+            outs = llm.generate(requests, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        count, seconds = collections.read()
+        return {"output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                "elapsed_s": elapsed, "controller_s": controller.own_seconds - own,
+                "gc": [c - c0 for c, c0 in zip(count, gc_count)],
+                "gc_s": sum(seconds) - sum(gc_seconds),
+                "steps_by_k": {k: n - steps.get(k, 0) for k, n in controller.steps_by_k.items()
+                               if n - steps.get(k, 0)}}
+
     blocks = []
     for turn in range(args.turns):
-        order = ARMS[turn % 3:] + ARMS[:turn % 3]
-        for arm in order:
-            _switch(scheduler, controller, arm, budget)
-            own, steps = controller.own_seconds, dict(controller.steps_by_k)
-            t0 = time.perf_counter()
-            outs = llm.generate(block, params, use_tqdm=False)
-            elapsed = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            blocks.append({
-                "turn": turn, "arm": arm, "output_tokens": tokens, "elapsed_s": elapsed,
-                "controller_s": controller.own_seconds - own,
-                "steps_by_k": {k: n - steps.get(k, 0) for k, n in controller.steps_by_k.items()
-                               if n - steps.get(k, 0)}})
-            print(f"[hook_ab] turn {turn} {arm}: {tokens / elapsed:.1f} tokens/s", flush=True)
+        if args.one_by_one:
+            # The arms take turns request by request (the order rotating), so that a drift of
+            # the machine's speed, which on a 2-core CPU lasts seconds, falls on all three.
+            # A turn's block per arm is the sum over its requests.
+            totals = {arm: {"turn": turn, "arm": arm} for arm in ARMS}
+            for i, request in enumerate(block):
+                j = (turn * len(block) + i) % 3
+                for arm in ARMS[j:] + ARMS[:j]:
+                    _add(totals[arm], measure(arm, [request]))
+            done = [totals[arm] for arm in ARMS]
+        else:
+            order = ARMS[turn % 3:] + ARMS[:turn % 3]
+            done = [{"turn": turn, "arm": arm, **measure(arm, block)} for arm in order]
+        for b in done:
+            blocks.append(b)
+            print(f"[hook_ab] turn {turn} {b['arm']}: "
+                  f"{b['output_tokens'] / b['elapsed_s']:.1f} tokens/s", flush=True)
     _switch(scheduler, controller, "auto", budget)
     return {"max_num_seqs": args.max_num_seqs, "requests": args.requests,
+            "one_by_one": args.one_by_one,
             "max_tokens": args.max_tokens, "blocks": blocks}
 
 
@@ -103,7 +168,8 @@ def summary(result: dict) -> str:
     by = {(b["turn"], b["arm"]): b for b in result["blocks"]}
     turns = sorted({b["turn"] for b in result["blocks"]})
     lines = [f"| arm, {result['max_num_seqs']} at a time | tokens/s over k0's, same turn "
-             f"| controller's own share of the wall time | steps by k |", "|---|---|---|---|"]
+             f"| controller's own share of the wall time | garbage collections: share of the "
+             f"wall time, count by generation | steps by k |", "|---|---|---|---|---|"]
     for arm in ARMS:
         mine = [by[t, arm] for t in turns]
         ratios = [(b["output_tokens"] / b["elapsed_s"])
@@ -111,12 +177,15 @@ def summary(result: dict) -> str:
                   for t, b in zip(turns, mine)]
         mean, lo, hi = ratio_interval(ratios)
         share = sum(b["controller_s"] for b in mine) / sum(b["elapsed_s"] for b in mine)
+        collected = sum(b.get("gc_s", 0.0) for b in mine) / sum(b["elapsed_s"] for b in mine)
+        counts = [sum(b.get("gc", (0, 0, 0))[g] for b in mine) for g in range(3)]
         ks: dict = {}
         for b in mine:
             for k, n in b["steps_by_k"].items():
                 ks[k] = ks.get(k, 0) + n
         reading = f"{mean:.3f}x" if math.isnan(lo) else f"{mean:.3f}x [{lo:.3f}-{hi:.3f}]"
-        lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {dict(sorted(ks.items()))} |")
+        lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {100 * collected:.2f} %, "
+                     f"{counts} | {dict(sorted(ks.items()))} |")
     return "\n".join(lines)
 
 
@@ -128,6 +197,9 @@ def main(argv=None) -> None:
     ap.add_argument("--turns", type=int, default=8, help="each arm's blocks")
     ap.add_argument("--requests", type=int, default=16, help="requests per block")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--one-by-one", action="store_true",
+                    help="submit each request once the one before has finished (the engine "
+                         "idle in between, as under one client) instead of a block at once")
     ap.add_argument("--out", default=None, help="JSON with every block")
     args = ap.parse_args(argv)
     if args.turns < 1 or args.requests < 1:
