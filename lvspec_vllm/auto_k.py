@@ -599,7 +599,9 @@ class StepCostModel:
         # grid points without samples at two k near them take the nearest fitted point's times
         where = np.log2(self.grid[fitted])
         nearest = np.abs(np.log2(self.grid)[:, None] - where[None, :]).argmin(axis=1)
-        return StepTimes(self.grid, times[fitted][nearest],
+        return StepTimes(self.grid,
+                         _k0_bounded_by_larger_batches(times[fitted][nearest],
+                                                       fitted & measured[:, 0]),
                          draft_prefill[fitted][nearest] if self.split_prefill else None,
                          measured.copy(), self.guess, spread[fitted][nearest],
                          per_row[fitted][nearest], own.copy())
@@ -760,6 +762,23 @@ def _level_spread(coef, k, share, cols, w, t, seen, level) -> np.ndarray:
     effective = np.where(squares > 0, sums ** 2 / np.maximum(squares, 1e-12), 0.0)
     se = np.sqrt(cv2) * level / np.sqrt(np.maximum(effective, 1e-12))
     return np.where(seen, se, se[seen].max())
+
+
+def _k0_bounded_by_larger_batches(times: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """The levels with k = 0's no dearer than a k = 0 level measured at a larger batch size
+    (``measured``: [grid points], k = 0 fitted there from samples of its own): a
+    step over fewer rows does no more work, so a level above that reads something else.
+    Where requests arrive together (clients in step), the API server decodes their videos on
+    the same CPUs while the engine runs its first and last rows alone: on a 2-core CPU at
+    four requests the k = 0 steps at one request took 7-8 ms against 3.9 at four, and the
+    table drafted at k = 4 at one request, on rows that then stayed warm (a server switched
+    between ``auto_k`` and the k = 0 engine read 0.92x of the latter there, docs/benchmarks.md
+    s38). Only k = 0 is bounded: the bound never makes drafting look cheaper (no speculation
+    is the choice that cannot lose), and a k > 0 level stays above it (levels rise in k)."""
+    bound = np.where(measured, times[:, 0], np.inf)
+    out = times.copy()
+    out[:, 0] = np.minimum(times[:, 0], np.minimum.accumulate(bound[::-1])[::-1])
+    return out
 
 
 def _fill_unseen(level: np.ndarray, seen: np.ndarray) -> np.ndarray:

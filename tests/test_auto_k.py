@@ -1,6 +1,7 @@
 """The auto-k controller as pure functions: the goodput model, its inputs, calibration."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -1502,6 +1503,37 @@ def test_a_level_measured_often_at_its_own_batch_size_is_the_median_of_those_ste
     times = fitted.times[fitted.index(1)]
     medians = np.median(k0), np.median(k4)
     assert (times[0] == medians[0] and times[4] == medians[1]) == (own >= 16)
+
+
+def test_a_k0_level_is_no_dearer_than_one_measured_at_a_larger_batch_size():
+    # Four clients in step: the engine runs its first and last rows alone while the API server
+    # decodes the others' videos on the same CPUs, so k = 0 at one request reads 7.5 ms against
+    # 3.9 at four. Unbounded, that table drafts at one request; bounded, it does not, and the
+    # k > 0 levels (never lowered) stay as measured.
+    rng = np.random.default_rng(0)
+    model = StepCostModel(4, 4, min_samples=8)
+    for _ in range(64):
+        model.add(1, 0, 0.0075 * (1 + 0.05 * rng.random()))
+        model.add(1, 4, 0.017 * (1 + 0.05 * rng.random()))
+        model.add(4, 0, 0.0039 * (1 + 0.05 * rng.random()))
+        model.add(4, 4, 0.0145 * (1 + 0.05 * rng.random()))
+    fitted = model.fit()
+    at_one, at_four = fitted.times[fitted.index(1)], fitted.times[fitted.index(4)]
+    assert at_one[0] == pytest.approx(at_four[0])
+    assert at_one[4] > 0.0165  # drafting is not made cheaper
+    alpha = [0.75, 0.8, 0.9, 0.93]
+    assert choose_k(alpha, fitted, 4, 4)[1] == 0
+    unbounded = replace(fitted, times=np.array(fitted.times))
+    unbounded.times[fitted.index(1), 0] = 0.0075
+    assert choose_k(alpha, unbounded, 4, 4)[1] == 4
+    # a smaller batch size that is cheaper keeps its own level
+    model = StepCostModel(4, 4, min_samples=8)
+    for _ in range(64):
+        for b, t0 in ((1, 0.003), (4, 0.0039)):
+            model.add(b, 0, t0 * (1 + 0.05 * rng.random()))
+            model.add(b, 4, 0.0145 * (1 + 0.05 * rng.random()))
+    fitted = model.fit()
+    assert fitted.times[fitted.index(1), 0] < 0.0032
 
 
 def test_an_exploration_after_an_idle_engine_is_charged_its_draft_passes():

@@ -470,3 +470,27 @@ def test_hook_ab_switches_auto_k_inside_one_engine(tmp_path, one_by_one):
     for arm in ("auto", "no-explore", "k0"):
         assert f"| {arm} |" in proc.stdout
     assert "| k0 | 1.000x" in proc.stdout
+
+
+def test_serve_ab_switches_auto_k_inside_one_server(tmp_path):
+    """The world pair (committed): one `vllm serve` with auto_k + cold, its hook switched
+    between the arms through /collective_rpc before each request, read per arm."""
+    world = "lvspec_vllm/world/checkpoints"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvspec_vllm.bench.serve_ab", "--target", f"{world}/target",
+         "--draft", f"{world}/draft", "--turns", "2", "--requests", "2", "--max-tokens", "6",
+         "--warmup-requests", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve_ab.json").read_text())
+    assert result["warmup"]["output_tokens"] == 2 * 6
+    blocks = result["blocks"]
+    assert [b["arm"] for b in blocks] == ["auto", "no-explore", "k0"] * 2
+    assert all(b["output_tokens"] == 2 * 6 for b in blocks)
+    for b in blocks:
+        if b["arm"] == "k0":  # detached: the controller saw no step
+            assert b["controller_s"] == 0 and b["steps_by_k"] == {}
+        else:
+            assert b["controller_s"] > 0 and sum(b["steps_by_k"].values()) > 0
+    assert "| k0 | 1.000x" in proc.stdout
+    assert "lvspec_hook_arm" in (tmp_path / "serve_ab.log").read_text()  # the extension

@@ -7,14 +7,8 @@ Between two servers of the same mode, or two engine processes, throughput on a 2
 differs by 10-30 % (``lvspec-bench serve``, ``step_phases``): a few per cent between modes
 needs dozens of rounds there. Here one ``vllm.LLM`` (``auto_k`` with cold requests, the model
 in the engine core's process) runs blocks of ``--requests`` greedy requests, and between blocks
-the scheduler's hook is switched between three arms, in an order that rotates from turn to turn:
-
-- ``auto``: the controller as it ships;
-- ``no-explore``: the same with its explorations off (a negative budget: none starts at a load
-  where a step was timed, and the warm-up timed them), so that the
-  controller's per-step work is measured apart from what its explorations cost;
-- ``k0``: the hook detached and vLLM's k table at 0: the k = 0 engine with cold requests
-  (``lvspec-schedule-cold``), in the same process, caches and memory layout.
+the scheduler's hook is switched between three arms (``hook_switch.py``: ``auto``, ``no-explore``
+and ``k0``), in an order that rotates from turn to turn.
 
 With ``--one-by-one`` each request is submitted once the one before has finished, so that the
 engine goes idle between requests as under a single client of a server, and the arms take
@@ -26,8 +20,6 @@ Printed: each block's output tokens/s, and per arm the geometric mean over turns
 block's tokens/s over the ``k0`` block of the same turn, with a 95 % interval (Student's t),
 the controller's own share of the wall time, Python's garbage collections in the arm's blocks
 (share of the wall time, count per generation) and the steps per k in them.
-The hook is switched through the plugin's own attributes (``patches/scheduler.py``), which is
-what this module may touch and a user's engine never does.
 """
 
 from __future__ import annotations
@@ -39,21 +31,7 @@ import math
 import os
 import time
 
-ARMS = ("auto", "no-explore", "k0")
-
-
-def _switch(scheduler, controller, arm: str, budget: float) -> None:
-    """Set the next block's arm: the controller attached (its budget as shipped, or negative:
-    no exploration starts), or detached with vLLM's k table at 0 (the k = 0 engine)."""
-    if arm == "k0":
-        scheduler.__dict__["_lvspec_auto_k"] = None
-        scheduler.dynamic_sd_lookup[1:] = [0] * (len(scheduler.dynamic_sd_lookup) - 1)
-        return
-    controller.auto.explore_budget = budget if arm == "auto" else -1.0
-    scheduler.__dict__["_lvspec_auto_k"] = controller
-    controller.last_end = None  # the detached block's time is no step of the controller's
-    controller._applied = None  # rewrite vLLM's lookup from the controller's table
-    controller._apply(scheduler, controller.auto.table)
+from lvspec_vllm.bench.hook_switch import ARMS, switch
 
 
 class _GCClock:
@@ -75,7 +53,7 @@ class _GCClock:
         return list(self.count), list(self.seconds)
 
 
-def _add(total: dict, part: dict) -> None:
+def add_reading(total: dict, part: dict) -> None:
     """Sum one request's reading into a turn's: numbers, lists by position, dicts by key."""
     for key, value in part.items():
         if isinstance(value, dict):
@@ -120,7 +98,7 @@ def run(args) -> dict:
     def measure(arm: str, requests: list) -> dict:
         """Run ``requests`` under ``arm``: all at once, or (``--one-by-one``) each after the
         one before has finished, the engine idle in between as under a single client."""
-        _switch(scheduler, controller, arm, budget)
+        switch(scheduler, controller, arm, budget)
         own, steps = controller.own_seconds, dict(controller.steps_by_k)
         gc_count, gc_seconds = collections.read()
         t0 = time.perf_counter()
@@ -147,7 +125,7 @@ def run(args) -> dict:
             for i, request in enumerate(block):
                 j = (turn * len(block) + i) % 3
                 for arm in ARMS[j:] + ARMS[:j]:
-                    _add(totals[arm], measure(arm, [request]))
+                    add_reading(totals[arm], measure(arm, [request]))
             done = [totals[arm] for arm in ARMS]
         else:
             order = ARMS[turn % 3:] + ARMS[:turn % 3]
@@ -156,7 +134,7 @@ def run(args) -> dict:
             blocks.append(b)
             print(f"[hook_ab] turn {turn} {b['arm']}: "
                   f"{b['output_tokens'] / b['elapsed_s']:.1f} tokens/s", flush=True)
-    _switch(scheduler, controller, "auto", budget)
+    switch(scheduler, controller, "auto", budget)
     return {"max_num_seqs": args.max_num_seqs, "requests": args.requests,
             "one_by_one": args.one_by_one,
             "max_tokens": args.max_tokens, "blocks": blocks}
@@ -177,15 +155,17 @@ def summary(result: dict) -> str:
                   for t, b in zip(turns, mine)]
         mean, lo, hi = ratio_interval(ratios)
         share = sum(b["controller_s"] for b in mine) / sum(b["elapsed_s"] for b in mine)
-        collected = sum(b.get("gc_s", 0.0) for b in mine) / sum(b["elapsed_s"] for b in mine)
-        counts = [sum(b.get("gc", (0, 0, 0))[g] for b in mine) for g in range(3)]
+        collected = "n/a"  # (serve_ab's blocks do not count them)
+        if "gc" in mine[0]:
+            gc_share = sum(b["gc_s"] for b in mine) / sum(b["elapsed_s"] for b in mine)
+            collected = f"{100 * gc_share:.2f} %, {[sum(b['gc'][g] for b in mine) for g in range(3)]}"
         ks: dict = {}
         for b in mine:
             for k, n in b["steps_by_k"].items():
                 ks[k] = ks.get(k, 0) + n
         reading = f"{mean:.3f}x" if math.isnan(lo) else f"{mean:.3f}x [{lo:.3f}-{hi:.3f}]"
-        lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {100 * collected:.2f} %, "
-                     f"{counts} | {dict(sorted(ks.items()))} |")
+        lines.append(f"| {arm} | {reading} | {100 * share:.2f} % | {collected} "
+                     f"| {dict(sorted(ks.items()))} |")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +55,10 @@ TRACE_ENV = "LVSPEC_AUTO_K_TRACE"
 # step at k = 0 about halved (``python -m lvspec_vllm.bench.auto_k_cost --hook``), and a fit
 # every few hundred steps still sees every exploration's samples
 FIT_BUDGET = 0.0025
+# this process's schedulers that run an auto_k controller, for the benchmark that switches it in
+# a running server (``lvspec_vllm.bench.hook_switch``); weak, so that an engine shut down in
+# the process is freed
+_AUTO_K_SCHEDULERS: weakref.WeakSet = weakref.WeakSet()
 
 
 class AutoKController:
@@ -267,9 +272,15 @@ def _controller(scheduler) -> AutoKController | None:
         if config is not None and config.auto_k and scheduler.dynamic_sd_lookup is not None:
             ctl = AutoKController(scheduler, scheduler.num_spec_tokens,
                                   price_admission=config.draft_cold_requests)
+            _AUTO_K_SCHEDULERS.add(scheduler)
         scheduler.__dict__["_lvspec_auto_k"] = ctl
         scheduler.__dict__["_lvspec"] = config is not None
     return ctl
+
+
+def auto_k_schedulers() -> list:
+    """The schedulers of this process that run an auto_k controller."""
+    return list(_AUTO_K_SCHEDULERS)
 
 
 def last_step_k(scheduler) -> int | None:
