@@ -38,7 +38,9 @@ and a k = 0 step may or may not run a draft forward (vLLM's proposer runs one to
 draft's KV cache in step; ``draft_catch_up`` defers it). A k without
 samples near B is interpolated linearly from the nearest measured k (the end's slope outside
 them), and the levels are made non-decreasing in k. A batch size with fewer than two measured k
-near it takes the nearest fitted one's levels. Borrowed and extrapolated levels only guide a
+near it takes the nearest fitted one's levels. A k = 0 level is no dearer than one measured
+at a larger batch size: fewer rows do no more work, and clients in step make the engine run
+its first and last rows alone while their videos are decoded beside it. Borrowed and extrapolated levels only guide a
 batch size where no k = 0 step was measured: where one was, k is chosen from 0 up to the largest
 k measured there too (``StepTimes.allowed``), so a guess never displaces the measured baseline,
 and the explorations one k up measure the next k in turn. (With cold requests, where running a
