@@ -40,10 +40,10 @@ samples near B is interpolated linearly from the nearest measured k (the end's s
 them), and the levels are made non-decreasing in k. A batch size with fewer than two measured k
 near it takes the nearest fitted one's levels. A k = 0 level is no dearer than one measured
 at a larger batch size: fewer rows do no more work, and clients in step make the engine run
-its first and last rows alone while their videos are decoded beside it. Borrowed and extrapolated levels only guide a
-batch size where no k = 0 step was measured: where one was, k is chosen from 0 up to the largest
-k measured there too (``StepTimes.allowed``), so a guess never displaces the measured baseline,
-and the explorations one k up measure the next k in turn. (With cold requests, where running a
+its first and last rows alone while their videos are decoded beside it. Borrowed and
+extrapolated levels only guide a batch size where no k = 0 step was measured: where one was,
+k is chosen from 0 up to the largest k measured there too (``StepTimes.allowed``), so a guess
+never displaces the measured baseline, and the explorations one k up measure the next k in turn. (With cold requests, where running a
 guess need not measure it, a batch size with nothing measured runs k = 0.) One linear model
 over every batch size (this module's first form, T = a + b N + p(k) (c + d B)) does not fit a
 real engine: on a 2-core CPU the many samples of large batches set its fixed part and its draft
